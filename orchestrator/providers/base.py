@@ -46,6 +46,8 @@ class LaunchSpec:
     pool: PoolConfig             # disk_gb, max_lifetime
     user_data: str
     tags: dict[str, str]
+    # Read by the sandbox's simulated guest only (real clouds boot from user_data).
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from orchestrator.store.store import Store
+
+__all__ = ["Store"]

@@ -1,0 +1,376 @@
+"""Queued jobs -> launches along each pool's candidate chain.
+
+Per job: claim (atomic), check max_runners and budgets, record the instance
+(REQUESTED) with its reservation, get a JIT config, launch, mark BOOTING.
+The record exists before the cloud call, so a crash in between leaves a row the
+reaper can match against the VM's tags (adopt) or fail (relaunch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+from orchestrator.config import Candidate, Config, PoolConfig
+from orchestrator.core.breaker import SpotBreaker
+from orchestrator.core.budget import Budgets, reservation_amount
+from orchestrator.core.clock import Clock, as_utc
+from orchestrator.core.lifecycle import new_token, token_hash
+from orchestrator.core.routing import candidates_for_arch, runner_labels
+from orchestrator.core.states import InstanceState, JobState
+from orchestrator.github.base import GitHub, GitHubError, GitHubRateLimited, RunnerScope
+from orchestrator.metrics import BUDGET_BLOCKED, LAUNCHES, WEBHOOK_TO_LAUNCH
+from orchestrator.providers.base import (
+    AuthError,
+    CapacityError,
+    LaunchKeyUsedError,
+    LaunchSpec,
+    Provider,
+    ProviderError,
+    QuotaError,
+    TransientError,
+    managed_tags,
+    vm_name,
+)
+from orchestrator.store.models import Instance, Job
+from orchestrator.store.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_LAUNCH_ATTEMPTS = 6          # boot timeouts, preflight failures, reused tokens: then a person looks
+RETRY_BASE_S = 15
+RETRY_MAX_S = 300
+
+
+@dataclass
+class LaunchOutcome:
+    job_id: int
+    result: str                  # launched | held:<reason> | skipped
+    instance: str | None = None
+
+
+UserDataFn = Callable[..., str]
+
+
+def backoff_s(failures: int) -> float:
+    return min(RETRY_BASE_S * 2 ** max(failures - 1, 0), RETRY_MAX_S)
+
+
+def runner_scope(config: Config, repository: str) -> RunnerScope:
+    owner, _, repo = repository.partition("/")
+    return RunnerScope(owner, repo) if config.github.runner_scope == "repo" else RunnerScope(owner)
+
+
+class Scaler:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        providers: dict[str, Provider],
+        github: GitHub,
+        budgets: Budgets,
+        clock: Clock,
+        orchestrator_id: str,
+        *,
+        breaker: SpotBreaker | None = None,
+        worker_id: str = "scaler",
+        user_data: UserDataFn | None = None,
+    ):
+        self.config = config
+        self.store = store
+        self.providers = providers
+        self.github = github
+        self.budgets = budgets
+        self.clock = clock
+        self.orchestrator_id = orchestrator_id
+        self.breaker = breaker or SpotBreaker(clock)
+        self.worker_id = worker_id
+        self.user_data = user_data or _render_user_data
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- loop --------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def serve_forever(self, stop: threading.Event, interval_s: float = 5.0) -> None:
+        """Background worker: runs on every wake-up, and every few seconds for retries."""
+        while not stop.is_set():
+            self._wake.wait(interval_s)
+            self._wake.clear()
+            if stop.is_set():
+                break
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scaler pass failed")
+
+    def run_once(self, limit: int = 200) -> list[LaunchOutcome]:
+        with self._lock:
+            paused = self.store.paused_pools()
+            out = []
+            for job in self.store.launchable_jobs(limit):
+                if job.pool in paused:
+                    if job.reason != "pool-paused":
+                        self.store.update_job(job.id, reason="pool-paused")
+                    out.append(LaunchOutcome(job.id, "held:pool-paused"))
+                    continue
+                out.append(self.launch_job(job))
+            return out
+
+    # --- one job -----------------------------------------------------------
+
+    def launch_job(self, job: Job) -> LaunchOutcome:
+        if not self.store.claim_job(job.id, self.worker_id):
+            return LaunchOutcome(job.id, "skipped")
+        try:
+            return self._launch(job)
+        except Exception as e:
+            log.exception("launch failed unexpectedly", extra={"job": job.id})
+            self._hold(job, f"error:{type(e).__name__}", backoff_s(job.launch_attempts + 1))
+            return LaunchOutcome(job.id, f"held:error:{type(e).__name__}")
+
+    def _hold(self, job: Job, reason: str, retry_in_s: float | None = None) -> None:
+        """Back to queued with a visible reason; never dropped."""
+        not_before = self.clock.now() + timedelta(seconds=retry_in_s) if retry_in_s else None
+        with self.store.session() as s:
+            self.store.transition_job(
+                s, job.id, JobState.QUEUED, from_states=[JobState.LAUNCHING], reason=reason, not_before=not_before
+            )
+
+    def _launch(self, job: Job) -> LaunchOutcome:
+        pool = self.config.pool(job.pool or "")
+        if pool is None:
+            with self.store.session() as s:
+                self.store.transition_job(s, job.id, JobState.IGNORED, from_states=[JobState.LAUNCHING], reason="pool-removed")
+            return LaunchOutcome(job.id, "held:pool-removed")
+        if job.launch_attempts >= MAX_LAUNCH_ATTEMPTS:
+            self._hold(job, f"gave-up:{job.launch_attempts}-launch-attempts", 3600)
+            return LaunchOutcome(job.id, "held:gave-up")
+        candidates = [
+            (i, c) for i, c in candidates_for_arch(pool, job.labels) if not (job.on_demand_only and c.spot)
+        ]
+        last_reason = "no-candidate"
+        for index, cand in candidates:
+            if cand.spot and self.breaker.is_open(cand.key()):
+                LAUNCHES.labels(cand.key(), "breaker-open").inc()
+                last_reason = "spot-breaker-open"
+                continue
+            result = self._try_candidate(job, pool, index, cand)
+            if result.result == "launched":
+                return result
+            if result.result.startswith("stop:"):
+                return LaunchOutcome(job.id, "held:" + result.result[5:])
+            last_reason = result.result
+        self._hold(job, last_reason, backoff_s(job.launch_attempts + 1) if not last_reason.startswith("budget:") else None)
+        return LaunchOutcome(job.id, f"held:{last_reason}")
+
+    def _try_candidate(self, job: Job, pool: PoolConfig, index: int, cand: Candidate) -> LaunchOutcome:
+        provider = self.providers.get(cand.cloud)
+        if provider is None:
+            return LaunchOutcome(job.id, f"cloud-unavailable:{cand.cloud}")
+        try:
+            price = provider.price_per_hour(cand)
+        except ProviderError as e:
+            log.error("no price for candidate", extra={"candidate": cand.key(), "error": str(e)})
+            return LaunchOutcome(job.id, "no-price")
+
+        for _ in range(3):  # a reused idempotency token moves to the next attempt
+            inst, held = self._record(job, pool, index, cand, price, provider)
+            if held:
+                return LaunchOutcome(job.id, held)
+            try:
+                jit = self.github.create_jit_config(
+                    RunnerScope.parse(inst.runner_scope),
+                    name=inst.id,
+                    labels=inst.labels,
+                    installation_id=job.installation_id,
+                )
+            except GitHubError as e:
+                self._fail_instance(inst.id, e.reason)
+                retry = max(e.reset_at - self.clock.time(), 1) if isinstance(e, GitHubRateLimited) else backoff_s(job.launch_attempts + 1)
+                self._hold(job, e.reason, retry)
+                return LaunchOutcome(job.id, "stop:" + e.reason)
+            self.store.update_instance(inst.id, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config if pool.bootstrap == "callback" else None)
+            spec = self._spec(job, pool, cand, inst, jit.encoded_jit_config, provider)
+            try:
+                vm = provider.launch(spec)
+            except LaunchKeyUsedError:
+                self._fail_instance(inst.id, "launch-key-used")
+                job = self.store.get_job(job.id) or job
+                continue
+            except (CapacityError, QuotaError, AuthError) as e:
+                kind = {CapacityError: "capacity", QuotaError: "quota", AuthError: "auth"}[type(e)]
+                if isinstance(e, AuthError):
+                    log.error("cloud credentials rejected", extra={"candidate": cand.key(), "error": str(e)[:300]})
+                if cand.spot and isinstance(e, CapacityError):
+                    self.breaker.record_failure(cand.key())
+                LAUNCHES.labels(cand.key(), kind).inc()
+                self._fail_instance(inst.id, f"{kind}:{e.code or ''}".rstrip(":"))
+                return LaunchOutcome(job.id, kind)
+            except TransientError as e:
+                LAUNCHES.labels(cand.key(), "transient").inc()
+                # The VM may exist after all (a timeout): keep the reservation; the reaper adopts or settles it.
+                self._fail_instance(inst.id, "transient", settle=False)
+                self._hold(job, "cloud-throttled", e.retry_after or backoff_s(job.launch_attempts + 1))
+                return LaunchOutcome(job.id, "stop:cloud-throttled")
+            return self._launched(job, inst, vm, cand)
+        self._hold(job, "launch-key-used", backoff_s(job.launch_attempts + 1))
+        return LaunchOutcome(job.id, "stop:launch-key-used")
+
+    def _record(self, job: Job, pool: PoolConfig, index: int, cand: Candidate, price: float, provider: Provider) -> tuple[Instance | None, str | None]:
+        """Record the instance and its reservations in one transaction, or say why not."""
+        now = self.clock.now()
+        with self.store.session() as s:
+            fresh = s.get(Job, job.id)
+            if fresh is None or fresh.state != JobState.LAUNCHING.value:
+                return None, "stop:job-changed"
+            if self.store.count_live(s, pool.name) >= pool.max_runners:
+                return None, "max_runners"
+            attempt = fresh.launch_attempts + 1
+            launch_key = f"{fresh.id}-{fresh.run_attempt}-{attempt}"
+            name = vm_name(self.orchestrator_id, pool.name, launch_key)
+            amount = reservation_amount(price, pool.max_lifetime, provider.min_billing_seconds)
+            blocked = self.budgets.reserve(s, instance_id=name, pool=pool.name, repository=fresh.repository, amount_usd=amount)
+            if blocked:
+                BUDGET_BLOCKED.labels(blocked).inc()
+                return None, f"budget:{blocked}"
+            fresh.launch_attempts = attempt
+            token = new_token()
+            inst = Instance(
+                id=name, pool=pool.name, cloud=cand.cloud, location=provider.location_of(cand),
+                instance_type=cand.instance_type, spot=cand.spot, candidate_index=index, price_per_hour=price,
+                min_billing_s=provider.min_billing_seconds, state=InstanceState.REQUESTED.value, job_id=fresh.id,
+                launch_key=launch_key, labels=runner_labels(pool, cand, fresh.unique_label),
+                runner_scope=runner_scope(self.config, fresh.repository).key, installation_id=fresh.installation_id,
+                created_at=now, bootstrap_token_hash=token_hash(token),
+                bootstrap_expires_at=now + timedelta(seconds=pool.boot_timeout), cost_usd=0.0,
+            )
+            s.add(inst)
+            self.store.add_event(s, "launch-requested", instance_id=name, job_id=fresh.id, candidate=cand.key(), price=price)
+        inst.bootstrap_token = token  # type: ignore[attr-defined]  # in memory only, for user-data
+        return inst, None
+
+    def launch_warm(self, pool: PoolConfig) -> str:
+        """A spare runner for the pool's min_idle floor: no job, org-wide labels, first candidate that works."""
+        owner = warm_owner(self.config)
+        if owner is None:
+            return "skipped: warm runners need runner_scope org and one allowed owner"
+        import uuid
+
+        for index, cand in candidates_for_arch(pool, []):
+            provider = self.providers.get(cand.cloud)
+            if provider is None or (cand.spot and self.breaker.is_open(cand.key())):
+                continue
+            price = provider.price_per_hour(cand)
+            now = self.clock.now()
+            launch_key = f"warm-{pool.name}-{uuid.uuid4().hex[:12]}"
+            name = vm_name(self.orchestrator_id, pool.name, launch_key)
+            token = new_token()
+            with self.store.session() as s:
+                if self.store.count_live(s, pool.name) >= pool.max_runners:
+                    return "skipped: max_runners"
+                amount = reservation_amount(price, pool.max_lifetime, provider.min_billing_seconds)
+                blocked = self.budgets.reserve(s, instance_id=name, pool=pool.name, repository=f"{owner}/*", amount_usd=amount)
+                if blocked:
+                    return f"skipped: budget:{blocked}"
+                inst = Instance(
+                    id=name, pool=pool.name, cloud=cand.cloud, location=provider.location_of(cand),
+                    instance_type=cand.instance_type, spot=cand.spot, candidate_index=index, price_per_hour=price,
+                    min_billing_s=provider.min_billing_seconds, state=InstanceState.REQUESTED.value, job_id=None,
+                    launch_key=launch_key, labels=runner_labels(pool, cand, None), runner_scope=RunnerScope(owner).key,
+                    warm=True, created_at=now, bootstrap_token_hash=token_hash(token),
+                    bootstrap_expires_at=now + timedelta(seconds=pool.boot_timeout), cost_usd=0.0,
+                )
+                s.add(inst)
+            inst.bootstrap_token = token  # type: ignore[attr-defined]
+            try:
+                jit = self.github.create_jit_config(RunnerScope(owner), name=name, labels=inst.labels)
+                self.store.update_instance(name, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config)
+                vm = provider.launch(self._spec(None, pool, cand, inst, jit.encoded_jit_config, provider))
+            except (GitHubError, ProviderError) as e:
+                self._fail_instance(name, f"warm:{type(e).__name__}", settle=not isinstance(e, TransientError))
+                continue
+            with self.store.session() as s:
+                self.store.transition_instance(s, name, InstanceState.BOOTING, from_states=[InstanceState.REQUESTED], instance_id=vm.instance_id, launched_at=vm.launched_at or now)
+            return f"launched {name}"
+        return "skipped: no candidate launched"
+
+    def _spec(self, job: Job | None, pool: PoolConfig, cand: Candidate, inst: Instance, jit: str, provider: Provider) -> LaunchSpec:
+        token = inst.bootstrap_token  # type: ignore[attr-defined]
+        user_data = self.user_data(
+            instance_name=inst.id,
+            cloud=cand.cloud,
+            orchestrator_url=self.config.server.public_url,
+            bootstrap_mode=pool.bootstrap,
+            bootstrap_token=token,
+            jit_config=jit if pool.bootstrap == "inline" else None,
+            max_lifetime_s=pool.max_lifetime,
+            expected_gpus=provider.expected_gpus(cand),
+            runner=pool.runner,
+            arch=cand.arch,
+        )
+        return LaunchSpec(
+            name=inst.id,
+            launch_key=inst.launch_key,
+            candidate=cand,
+            pool=pool,
+            user_data=user_data,
+            tags=managed_tags(self.orchestrator_id, pool.name, inst.id),
+            metadata={
+                "orchestrator_url": self.config.server.public_url,
+                "bootstrap_token": token,
+                "instance_name": inst.id,
+                "max_lifetime_s": str(pool.max_lifetime),
+            },
+        )
+
+    def _launched(self, job: Job, inst: Instance, vm, cand: Candidate) -> LaunchOutcome:
+        now = self.clock.now()
+        with self.store.session() as s:
+            self.store.transition_instance(
+                s, inst.id, InstanceState.BOOTING, from_states=[InstanceState.REQUESTED],
+                instance_id=vm.instance_id, launched_at=vm.launched_at or now,
+            )
+            self.store.transition_job(s, job.id, JobState.ASSIGNED, from_states=[JobState.LAUNCHING], launched_at=now, reason=None, not_before=None)
+            self.store.add_event(s, "launched", instance_id=inst.id, job_id=job.id, cloud_id=vm.instance_id)
+        if cand.spot:
+            self.breaker.record_success(cand.key())
+        LAUNCHES.labels(cand.key(), "launched").inc()
+        queued_at = as_utc(job.queued_at) or as_utc(job.created_at)
+        if queued_at is not None:
+            WEBHOOK_TO_LAUNCH.observe(max((now - queued_at).total_seconds(), 0.0))
+        log.info("runner launched", extra={"job": job.id, "instance": inst.id, "candidate": cand.key(), "cloud_id": vm.instance_id})
+        return LaunchOutcome(job.id, "launched", inst.id)
+
+    def _fail_instance(self, name: str, reason: str, *, settle: bool = True) -> None:
+        """A launch the cloud refused: no VM, so its reservation settles at $0."""
+        now = self.clock.now()
+        with self.store.session() as s:
+            self.store.transition_instance(s, name, InstanceState.FAILED, reason=reason, terminated_at=now, jit_config=None)
+            if settle:
+                self.budgets.settle(s, name, 0.0, now)
+
+
+def warm_owner(config: Config) -> str | None:
+    if config.github.runner_scope != "org":
+        return None
+    owners = {p.split("/", 1)[0] for p in config.github.allowed_repositories}
+    owners = {o for o in owners if o and not any(ch in o for ch in "*?[")}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _render_user_data(*, runner, **kwargs) -> str:
+    from orchestrator.userdata import UserDataContext, render_user_data
+
+    ctx = UserDataContext(
+        runner_version=runner.version,
+        runner_sha256=runner.sha256,
+        runner_preinstalled_path=runner.preinstalled_path,
+        **kwargs,
+    )
+    return render_user_data(ctx)

@@ -1,0 +1,317 @@
+"""The state store: engine setup, migrations at start, and atomic transitions.
+
+Every claim is a conditional UPDATE (`... WHERE state IN (...)`) whose row
+count says who won, so two workers or two replicas never both act.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import zlib
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.core.clock import Clock
+from orchestrator.core.states import (
+    INSTANCE_LIVE,
+    InstanceState,
+    JobState,
+    instance_sources,
+    job_sources,
+)
+from orchestrator.store.models import Delivery, Event, Instance, Job, Meta, PoolState
+
+
+def normalize_url(url: str) -> str:
+    """Accept the common spellings of a Postgres URL and use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - driver hook
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            if ":memory:" not in url:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # pragma: no cover - driver hook
+            # IMMEDIATE takes the write lock up front: no deadlock when a reader upgrades.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "orchestrator.store:migrations")
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Two replicas starting at once must not both migrate.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("migrate")})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def _lock_key(name: str) -> int:
+    return zlib.crc32(f"orchestrator:{name}".encode())
+
+
+class Store:
+    def __init__(self, url: str, clock: Clock, *, run_migrations: bool = True):
+        self.url = normalize_url(url)
+        self.clock = clock
+        self.engine = _make_engine(self.url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if run_migrations:
+            migrate(self.engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    # --- identity ----------------------------------------------------------
+
+    def orchestrator_id(self, configured: str | None = None) -> str:
+        """The id every tag and runner name carries: from config, or generated once and kept."""
+        with self.session() as s:
+            row = s.get(Meta, "orchestrator_id")
+            if configured:
+                if row is None:
+                    s.add(Meta(key="orchestrator_id", value=configured))
+                elif row.value != configured:
+                    row.value = configured
+                return configured
+            if row is not None:
+                return row.value
+        candidate = "orch-" + secrets.token_hex(3)
+        try:
+            with self.session() as s:
+                s.add(Meta(key="orchestrator_id", value=candidate))
+        except IntegrityError:
+            pass  # another replica won the race; use its id
+        with self.session() as s:
+            return s.get(Meta, "orchestrator_id").value
+
+    # --- deliveries --------------------------------------------------------
+
+    def record_delivery(self, s: Session, guid: str, event_name: str, action: str | None, result: str) -> bool:
+        """False when this delivery id was seen before (GitHub redelivers)."""
+        try:
+            with s.begin_nested():
+                s.add(Delivery(guid=guid, event=event_name, action=action, received_at=self.clock.now(), result=result))
+                s.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    # --- jobs --------------------------------------------------------------
+
+    def transition_job(
+        self,
+        s: Session,
+        job_id: int,
+        to: JobState,
+        *,
+        from_states: Iterable[JobState] | None = None,
+        **fields: Any,
+    ) -> bool:
+        sources = [st.value for st in (from_states if from_states is not None else job_sources(to))]
+        values = {"state": to.value, "updated_at": self.clock.now(), **fields}
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(sources)).values(**values))
+        return res.rowcount == 1
+
+    def claim_job(self, job_id: int, claimer: str) -> bool:
+        """queued -> launching, once: the winner launches, everyone else moves on."""
+        now = self.clock.now()
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+                .values(state=JobState.LAUNCHING.value, claimed_by=claimer, updated_at=now)
+            )
+            return res.rowcount == 1
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(updated_at=self.clock.now(), **fields))
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).order_by(Job.created_at, Job.id)
+            if states is not None:
+                q = q.where(Job.state.in_([st.value for st in states]))
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def launchable_jobs(self, limit: int = 100) -> list[Job]:
+        now = self.clock.now()
+        with self.session() as s:
+            q = (
+                select(Job)
+                .where(Job.state == JobState.QUEUED.value, Job.pool.is_not(None))
+                .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+                .order_by(Job.queued_at, Job.id)
+                .limit(limit)
+            )
+            return list(s.scalars(q))
+
+    def count_jobs_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+
+    # --- instances ---------------------------------------------------------
+
+    def add_instance(self, inst: Instance) -> None:
+        with self.session() as s:
+            s.add(inst)
+
+    def transition_instance(
+        self,
+        s: Session,
+        name: str,
+        to: InstanceState,
+        *,
+        from_states: Iterable[InstanceState] | None = None,
+        **fields: Any,
+    ) -> bool:
+        sources = [st.value for st in (from_states if from_states is not None else instance_sources(to))]
+        res = s.execute(
+            update(Instance).where(Instance.id == name, Instance.state.in_(sources)).values(state=to.value, **fields)
+        )
+        return res.rowcount == 1
+
+    def update_instance(self, name: str, **fields: Any) -> None:
+        with self.session() as s:
+            s.execute(update(Instance).where(Instance.id == name).values(**fields))
+
+    def get_instance(self, name: str) -> Instance | None:
+        with self.session() as s:
+            return s.get(Instance, name)
+
+    def instance_by_bootstrap_hash(self, token_hash: str) -> Instance | None:
+        with self.session() as s:
+            return s.scalars(select(Instance).where(Instance.bootstrap_token_hash == token_hash)).first()
+
+    def instances(self, states: Iterable[InstanceState] | None = None, pool: str | None = None) -> list[Instance]:
+        with self.session() as s:
+            q = select(Instance).order_by(Instance.created_at, Instance.id)
+            if states is not None:
+                q = q.where(Instance.state.in_([st.value for st in states]))
+            if pool is not None:
+                q = q.where(Instance.pool == pool)
+            return list(s.scalars(q))
+
+    def live_instances(self, pool: str | None = None) -> list[Instance]:
+        return self.instances(INSTANCE_LIVE, pool)
+
+    def count_live(self, s: Session, pool: str) -> int:
+        return s.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.pool == pool, Instance.state.in_([st.value for st in INSTANCE_LIVE]))
+        )
+
+    def instance_for_job(self, s: Session, job_id: int) -> Instance | None:
+        return s.scalars(
+            select(Instance)
+            .where(Instance.job_id == job_id, Instance.state.in_([st.value for st in INSTANCE_LIVE]))
+            .order_by(Instance.created_at.desc())
+        ).first()
+
+    # --- events ------------------------------------------------------------
+
+    def add_event(self, s: Session, kind: str, *, instance_id: str | None = None, job_id: int | None = None, **detail: Any) -> None:
+        s.add(Event(instance_id=instance_id, job_id=job_id, kind=kind, at=self.clock.now(), detail=detail))
+
+    def events(self, instance_id: str | None = None, kind: str | None = None) -> list[Event]:
+        with self.session() as s:
+            q = select(Event).order_by(Event.id)
+            if instance_id is not None:
+                q = q.where(Event.instance_id == instance_id)
+            if kind is not None:
+                q = q.where(Event.kind == kind)
+            return list(s.scalars(q))
+
+    # --- pools -------------------------------------------------------------
+
+    def paused_pools(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(PoolState.name).where(PoolState.paused.is_(True))))
+
+    def set_paused(self, pool: str, paused: bool) -> None:
+        with self.session() as s:
+            row = s.get(PoolState, pool)
+            if row is None:
+                s.add(PoolState(name=pool, paused=paused, updated_at=self.clock.now()))
+            else:
+                row.paused = paused
+                row.updated_at = self.clock.now()
+
+    # --- leader election ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """A session-level Postgres advisory lock; SQLite has one process, so it always wins."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        with self.engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(name)}).scalar()
+            conn.commit()
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(name)})
+                    conn.commit()
+
+    def xact_lock(self, s: Session, name: str) -> None:
+        """Serialize a transaction against others taking the same lock (budget checks)."""
+        if self.dialect == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
+
