@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -133,7 +134,12 @@ class Intake:
                     s.add(self._new_job(ev, JobState.IGNORED, None, None, reason, source))
                 return f"ignored:{reason}"
             state = self._initial_state(ev)
-            s.add(self._new_job(ev, state, r.pool.name, r.unique_label, None, source))
+            job = self._new_job(ev, state, r.pool.name, r.unique_label, None, source)
+            # A rerun after a spot interruption comes back as a new job of the same run: keep it off spot.
+            job.on_demand_only = s.scalar(
+                select(Job.id).where(Job.run_id == ev.run_id, Job.on_demand_only.is_(True)).limit(1)
+            ) is not None
+            s.add(job)
             s.flush()
             if state == JobState.IN_PROGRESS:
                 self._bind_runner(s, ev)

@@ -56,7 +56,7 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(64))
 
-    __table_args__ = (Index("ix_jobs_state", "state"),)
+    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_run", "run_id"))
 
 
 class Instance(Base):

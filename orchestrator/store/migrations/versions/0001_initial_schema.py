@@ -119,6 +119,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index('ix_jobs_state', ['state'], unique=False)
+        batch_op.create_index('ix_jobs_run', ['run_id'], unique=False)
 
     op.create_table('meta',
     sa.Column('key', sa.String(length=64), nullable=False),
@@ -153,6 +154,7 @@ def downgrade() -> None:
     op.drop_table('pool_state')
     op.drop_table('meta')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('ix_jobs_run')
         batch_op.drop_index('ix_jobs_state')
 
     op.drop_table('jobs')
