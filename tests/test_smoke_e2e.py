@@ -1,6 +1,6 @@
 """End to end on the sandbox: queued -> runner launched -> in_progress -> completed -> VM gone."""
 
-from conftest import job_payload, post_webhook
+from orch_support import job_payload, post_webhook
 
 
 def test_queued_to_vm_gone(make_orch, client_for, clock):
