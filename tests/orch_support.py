@@ -12,12 +12,16 @@ import os
 import uuid
 from pathlib import Path
 
+import sys
+
 import pytest
 
 from orchestrator.config import load_config_text
 from orchestrator.core.clock import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # `tests.fakes` lives at the repository root
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 WEBHOOK_SECRET = "test-webhook-secret"
