@@ -28,6 +28,15 @@ from ruamel.yaml.error import MarkedYAMLError
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `${NAME}` is not a plain scalar inside a YAML flow list (`[${TOKEN}]`): it is swapped for
+# this placeholder before parsing, on the same line, and for the value afterwards.
+_ENV_MARK = "$__orchestrator_env_{}$"
+_ENV_MARK_RE = re.compile(r"\$__orchestrator_env_([A-Za-z_][A-Za-z0-9_]*)\$")
+
+
+def _unmark(text: str) -> str:
+    """Error messages show what the user wrote, not the placeholder."""
+    return _ENV_MARK_RE.sub(lambda m: "${" + m.group(1) + "}", text)
 
 
 def parse_duration(value: Any) -> int:
@@ -333,7 +342,7 @@ def _interpolate(node: Any, env: dict[str, str], problems: list[tuple[int, str]]
             ln = node.lc.item(i)[0] if i in node.lc.data else line
             node[i] = _interpolate(node[i], env, problems, ln)
         return node
-    if isinstance(node, str) and "${" in node:
+    if isinstance(node, str) and "$__orchestrator_env_" in node:
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
@@ -342,7 +351,7 @@ def _interpolate(node: Any, env: dict[str, str], problems: list[tuple[int, str]]
                 return ""
             return env[name]
 
-        return _ENV_RE.sub(sub, str(node))
+        return _ENV_MARK_RE.sub(sub, str(node))
     return node
 
 
@@ -379,20 +388,32 @@ def _format_loc_msg(err: dict[str, Any]) -> str:
         msg = f"unknown key {err['loc'][-1]!r}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    return f"{loc}: {msg}" if loc else msg
+    if err["loc"] and err["loc"][-1] == "candidates" and err["type"] in ("missing", "too_short"):
+        msg = "a pool needs at least one candidate (cloud, instance_type, ...)"
+    return _unmark(f"{loc}: {msg}" if loc else msg)
+
+
+# Errors about something left open (a quote, a [ or {, a key without ':') are noticed further
+# down; the line where it was opened is the one to fix.
+_OPENED_AT_CONTEXT = ("while scanning a quoted scalar", "while parsing a flow", "while scanning a simple key")
+
+
+def _yaml_error_line(e: MarkedYAMLError) -> int:
+    mark = e.problem_mark or e.context_mark
+    if e.context_mark is not None and str(e.context or "").startswith(_OPENED_AT_CONTEXT):
+        mark = e.context_mark
+    return mark.line + 1 if mark else 1
 
 
 def load_config_text(text: str, filename: str = "<config>", env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
     yaml = YAML(typ="rt")
     try:
-        tree = yaml.load(text)
+        tree = yaml.load(_ENV_RE.sub(lambda m: _ENV_MARK.format(m.group(1)), text))
     except MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: invalid YAML: {e.problem or e}"]) from None
+        raise ConfigError([f"{filename}:{_yaml_error_line(e)}: invalid YAML: {_unmark(str(e.problem or e))}"]) from None
     except Exception as e:  # ruamel raises several families for bad input
-        raise ConfigError([f"{filename}:1: invalid YAML: {e}"]) from None
+        raise ConfigError([f"{filename}:1: invalid YAML: {_unmark(str(e))}"]) from None
     if not isinstance(tree, CommentedMap):
         raise ConfigError([f"{filename}:1: the config must be a YAML mapping"])
     problems: list[tuple[int, str]] = []

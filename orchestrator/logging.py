@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from datetime import datetime, timezone
 
 REDACTED = "<redacted>"
@@ -17,17 +18,23 @@ _PATTERNS = [
     re.compile(r"(?i)(?P<keep>(?:token|secret|password|jit_config|private_key)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{6,}"),
 ]
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
-_known_secrets: set[str] = set()
+# Longest first, so a secret that contains another is hidden whole. Replaced, never mutated,
+# so a log call in another thread never iterates a set that is changing.
+_known_secrets: tuple[str, ...] = ()
+_register_lock = threading.Lock()
 
 
 def register_secret(value: str | None) -> None:
     """Values from config that must never reach a log line."""
+    global _known_secrets
     if value and len(value) >= 4:
-        _known_secrets.add(value)
+        with _register_lock:
+            if value not in _known_secrets:
+                _known_secrets = tuple(sorted({*_known_secrets, value}, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
-    for secret in sorted(_known_secrets, key=len, reverse=True):
+    for secret in _known_secrets:
         text = text.replace(secret, REDACTED)
     for pat in _PATTERNS:
         text = pat.sub(lambda m: m.group("keep") + REDACTED, text)
@@ -36,17 +43,21 @@ def redact(text: str) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # Each text is redacted before JSON escapes it: a secret holding a quote, a backslash or
+        # non-ASCII would not match once escaped, and a reader's json.loads would bring it back.
         out = {
             "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value if isinstance(value, (int, float, bool)) or value is None else str(value)
+                out[redact(str(key))] = value if isinstance(value, (int, float, bool)) or value is None else redact(str(value))
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            out["stack"] = redact(self.formatStack(record.stack_info))
         return redact(json.dumps(out, default=str))
 
 

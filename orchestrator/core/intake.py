@@ -7,10 +7,10 @@ Deliveries repeat and arrive out of order: every branch here is idempotent.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -52,34 +52,66 @@ class JobEvent:
         action = payload.get("action")
         if not isinstance(job, dict) or not isinstance(repo, dict) or not isinstance(action, str):
             raise NotAJobPayload("missing workflow_job, repository or action")
-        try:
-            job_id = int(job["id"])
-            run_id = int(job.get("run_id") or 0)
-            run_attempt = int(job.get("run_attempt") or 1)
-            full_name = str(repo["full_name"])
-            labels = job.get("labels") or []
-            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-                raise NotAJobPayload("workflow_job.labels must be a list of strings")
-        except (KeyError, TypeError, ValueError) as e:
-            raise NotAJobPayload(f"bad workflow_job payload: {e}") from None
-        if job_id <= 0 or "/" not in full_name:
-            raise NotAJobPayload("bad workflow_job id or repository name")
+        job_id = _int(job.get("id"), "workflow_job.id", required=True)
+        run_id = _int(job.get("run_id"), "workflow_job.run_id") or 0
+        run_attempt = _int(job.get("run_attempt"), "workflow_job.run_attempt", limit=_INT32_MAX) or 1
+        full_name = repo.get("full_name")
+        if not isinstance(full_name, str) or not _REPO_RE.match(full_name):
+            raise NotAJobPayload("repository.full_name must be OWNER/NAME")
+        labels = job.get("labels") or []
+        if not isinstance(labels, list) or not all(_clean(x, MAX_LABEL) is not None for x in labels):
+            raise NotAJobPayload(f"workflow_job.labels must be a list of strings of at most {MAX_LABEL} characters")
+        if job_id <= 0:
+            raise NotAJobPayload("bad workflow_job id")
         installation = payload.get("installation")
         inst_id = installation.get("id") if isinstance(installation, dict) else None
-        runner = job.get("runner_name")
+        try:
+            inst = _int(inst_id, "installation.id")
+        except NotAJobPayload:
+            inst = None  # only used to pick credentials; a bad one is as good as none
+        status = _clean(job.get("status"), 32) or action
         return cls(
-            action=action,
+            # An action GitHub adds later is acknowledged and ignored, not stored verbatim.
+            action=action if action in ACTIONS else "unknown",
             job_id=job_id,
             run_id=run_id,
             run_attempt=run_attempt,
             repository=full_name,
             labels=tuple(labels),
-            status=str(job.get("status") or action),
-            conclusion=job.get("conclusion") if isinstance(job.get("conclusion"), str) else None,
-            runner_name=runner if isinstance(runner, str) else None,
-            installation_id=int(inst_id) if isinstance(inst_id, int) else None,
+            status=status,
+            conclusion=_clean(job.get("conclusion"), 32),
+            runner_name=_clean(job.get("runner_name"), 200),
+            installation_id=inst,
             private=bool(repo.get("private", True)),
         )
+
+
+# Column sizes (store/models.py): a payload that would not fit is a bad payload, never a 5xx.
+_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
+MAX_LABEL = 200
+_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _int(value: Any, name: str, *, required: bool = False, limit: int = _INT64_MAX) -> int | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise NotAJobPayload(f"{name} must be a non-negative integer")
+    return value
+
+
+def _clean(value: Any, max_len: int) -> str | None:
+    """A short printable string, or None."""
+    if not isinstance(value, str) or not value or len(value) > max_len or _CONTROL_RE.search(value):
+        return None
+    return value
+
+
+Item = tuple[JobEvent, "tuple[str, str] | None", str]  # (event, (delivery guid, event name) or None, source)
 
 
 class Intake:
@@ -95,21 +127,36 @@ class Intake:
 
         `delivery` is (guid, event name): deduped in the same transaction as the change.
         """
+        result = self.handle_many([(ev, delivery, source)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def handle_many(self, items: list[Item]) -> list[str | Exception]:
+        """Record several events in one transaction (group commit); one result per event, in order.
+
+        An event that cannot be recorded gets its exception as its result; the others still land.
+        """
+        try:
+            results: list[str | Exception] = list(self._record(items))
+        except Exception as e:
+            if len(items) == 1:
+                return [e]
+            return [self.handle_many([item])[0] for item in items]
+        if any(r in ("queued", "requeued") for r in results):
+            self.on_queued()
+        return results
+
+    def _record(self, items: list[Item]) -> list[str]:
         for attempt in range(5):
             try:
                 with self.store.session() as s:
-                    if delivery is not None:
-                        if not self.store.record_delivery(s, delivery[0], delivery[1], ev.action, "accepted"):
-                            return "duplicate"
-                    result = self._apply(s, ev, source)
-                break
+                    return self._apply_batch(s, items)
             except (IntegrityError, OperationalError):
                 # Two replicas inserted the same job at once (or a deadlock); the retry sees the winner's row.
                 if attempt == 4:
                     raise
-        if result in ("queued", "requeued"):
-            self.on_queued()
-        return result
+        raise AssertionError("unreachable")
 
     def ignore_reason(self, ev: JobEvent) -> str | None:
         gh = self.config.github
@@ -121,29 +168,84 @@ class Intake:
 
     # --- state changes -----------------------------------------------------
 
-    def _apply(self, s: Session, ev: JobEvent, source: str) -> str:
+    def _apply_batch(self, s: Session, items: list[Item]) -> list[str]:
+        """The common case, a delivery about a job not yet known, costs a few statements per batch:
+        deliveries in one INSERT, known jobs in one SELECT, new jobs in one executemany.
+        Anything else goes through `_apply` one by one, after the pending rows are written."""
+        results: list[str] = [""] * len(items)
+        todo: list[int] = []
+        deliveries: dict[str, tuple[str, str | None]] = {}
+        for i, (ev, delivery, _) in enumerate(items):
+            if ev.action not in ACTIONS:
+                results[i] = "ignored:action"
+            else:
+                if delivery is not None:
+                    deliveries.setdefault(delivery[0], (delivery[1], ev.action))
+                todo.append(i)
+        fresh = self.store.insert_deliveries(s, deliveries, "accepted") if deliveries else set()
+        work: list[int] = []
+        for i in todo:
+            delivery = items[i][1]
+            if delivery is not None:
+                if delivery[0] not in fresh:
+                    results[i] = "duplicate"
+                    continue
+                fresh.discard(delivery[0])  # the same id twice in one batch: the second is the repeat
+            work.append(i)
+        if not work:
+            return results
+        events = [items[i][0] for i in work]
+        known = self.store.existing_job_ids(s, {ev.job_id for ev in events})
+        off_spot = self.store.on_demand_runs(s, {ev.run_id for ev in events if ev.job_id not in known})
+        pending: list[dict[str, Any]] = []
+        for i, ev in zip(work, events):
+            source = items[i][2]
+            if ev.job_id not in known:
+                row, result = self._new_job_row(ev, source, ev.run_id in off_spot)
+                if row is None or row["state"] != JobState.IN_PROGRESS.value:
+                    results[i] = result
+                    if row is not None:
+                        pending.append(row)
+                        known.add(ev.job_id)
+                    continue
+            if pending:
+                self.store.insert_jobs(s, pending)
+                pending = []
+            results[i] = self._apply(s, ev, source)
+            known.add(ev.job_id)
+        if pending:
+            self.store.insert_jobs(s, pending)
+        return results
+
+    def _new_job_row(self, ev: JobEvent, source: str, on_demand_only: bool) -> tuple[dict[str, Any] | None, str]:
+        """The row a first event about a job creates (None: GitHub-hosted traffic), and the result."""
         reason = self.ignore_reason(ev)
+        r = route(self.config, list(ev.labels)) if reason is None else None
+        if reason is None and r is None:
+            reason = "no-matching-pool"
+        if reason is not None:
+            # Only jobs meant for self-hosted runners are worth a row; the rest is GitHub-hosted traffic.
+            if any(label.lower() == "self-hosted" for label in ev.labels):
+                return self._job_values(ev, JobState.IGNORED, None, None, reason, source), f"ignored:{reason}"
+            return None, f"ignored:{reason}"
+        state = self._initial_state(ev)
+        row = self._job_values(ev, state, r.pool.name, r.unique_label, None, source)
+        # A rerun after a spot interruption comes back as a new job of the same run: keep it off spot.
+        row["on_demand_only"] = on_demand_only
+        return row, "queued" if state == JobState.QUEUED else state.value
+
+    def _apply(self, s: Session, ev: JobEvent, source: str) -> str:
         job = s.get(Job, ev.job_id)
         if job is None:
-            r = route(self.config, list(ev.labels)) if reason is None else None
-            if reason is None and r is None:
-                reason = "no-matching-pool"
-            if reason is not None:
-                # Only jobs meant for self-hosted runners are worth a row; the rest is GitHub-hosted traffic.
-                if any(label.lower() == "self-hosted" for label in ev.labels):
-                    s.add(self._new_job(ev, JobState.IGNORED, None, None, reason, source))
-                return f"ignored:{reason}"
-            state = self._initial_state(ev)
-            job = self._new_job(ev, state, r.pool.name, r.unique_label, None, source)
-            # A rerun after a spot interruption comes back as a new job of the same run: keep it off spot.
-            job.on_demand_only = s.scalar(
-                select(Job.id).where(Job.run_id == ev.run_id, Job.on_demand_only.is_(True)).limit(1)
-            ) is not None
-            s.add(job)
+            off_spot = ev.run_id in self.store.on_demand_runs(s, {ev.run_id})
+            row, result = self._new_job_row(ev, source, off_spot)
+            if row is None:
+                return result
+            s.add(Job(**row))
             s.flush()
-            if state == JobState.IN_PROGRESS:
+            if row["state"] == JobState.IN_PROGRESS.value:
                 self._bind_runner(s, ev)
-            return "queued" if state == JobState.QUEUED else state.value
+            return result
         if job.state == JobState.IGNORED.value:
             return "ignored:known"
         if ev.run_attempt > job.run_attempt and ev.action in ("queued", "waiting"):
@@ -161,9 +263,9 @@ class Intake:
             return JobState.WAITING
         return JobState.QUEUED
 
-    def _new_job(self, ev: JobEvent, state: JobState, pool: str | None, unique: str | None, reason: str | None, source: str) -> Job:
+    def _job_values(self, ev: JobEvent, state: JobState, pool: str | None, unique: str | None, reason: str | None, source: str) -> dict[str, Any]:
         now = self.store.clock.now()
-        return Job(
+        return dict(
             id=ev.job_id,
             run_id=ev.run_id,
             run_attempt=ev.run_attempt,
@@ -184,6 +286,7 @@ class Intake:
             updated_at=now,
             started_at=now if state == JobState.IN_PROGRESS else None,
             completed_at=now if state in (JobState.COMPLETED, JobState.CANCELLED) else None,
+            on_demand_only=False,
         )
 
     def _rerun(self, s: Session, job: Job, ev: JobEvent) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import zlib
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import bindparam, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +46,7 @@ def _make_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             if ":memory:" not in url:
-                cur.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -58,6 +59,23 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _set_wal(cur) -> None:
+    """Switching a new file to WAL needs it to itself, and SQLite answers 'locked' at once rather
+    than waiting; the mode is kept in the file, so whoever wins, everyone then finds it set."""
+    import sqlite3
+    import time
+
+    for attempt in range(100):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 99:
+                raise
+            time.sleep(0.02)
 
 
 def migrate(engine: Engine) -> None:
@@ -74,6 +92,31 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+def _dialect_insert(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def _hot_statements(dialect: str) -> dict[str, Any]:
+    """The webhook path's statements, built once so SQLAlchemy's compiled cache serves every call."""
+    jobs, deliveries = Job.__table__, Delivery.__table__
+    out: dict[str, Any] = {
+        "job_ids": select(jobs.c.id).where(jobs.c.id.in_(bindparam("ids", expanding=True))),
+        "job_insert": jobs.insert(),
+        "on_demand_runs": select(jobs.c.run_id)
+        .where(jobs.c.run_id.in_(bindparam("ids", expanding=True)), jobs.c.on_demand_only.is_(True))
+        .distinct(),
+    }
+    if dialect in ("sqlite", "postgresql"):
+        out["delivery_insert"] = (
+            _dialect_insert(dialect)(deliveries).on_conflict_do_nothing(index_elements=["guid"]).returning(deliveries.c.guid)
+        )
+    return out
+
+
 def _lock_key(name: str) -> int:
     return zlib.crc32(f"orchestrator:{name}".encode())
 
@@ -84,6 +127,10 @@ class Store:
         self.clock = clock
         self.engine = _make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and SQLite's busy
+        # handler waits by sleeping in growing steps: threads queue here instead, in order.
+        self._write_lock = threading.RLock() if self.engine.dialect.name == "sqlite" else None
+        self._stmts = _hot_statements(self.engine.dialect.name)
         if run_migrations:
             migrate(self.engine)
 
@@ -97,8 +144,18 @@ class Store:
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error."""
-        with self._sessions() as s, s.begin():
-            yield s
+        if self._write_lock is None:
+            with self._sessions() as s, s.begin():
+                yield s
+            return
+        # Bounded, so a stuck holder degrades to SQLite's own busy timeout, never a hang.
+        locked = self._write_lock.acquire(timeout=30)
+        try:
+            with self._sessions() as s, s.begin():
+                yield s
+        finally:
+            if locked:
+                self._write_lock.release()
 
     def ping(self) -> bool:
         try:
@@ -134,16 +191,46 @@ class Store:
     # --- deliveries --------------------------------------------------------
 
     def record_delivery(self, s: Session, guid: str, event_name: str, action: str | None, result: str) -> bool:
-        """False when this delivery id was seen before (GitHub redelivers)."""
+        """False when this delivery id was seen before (GitHub redelivers).
+
+        One INSERT ... ON CONFLICT DO NOTHING: no savepoint, and on Postgres a concurrent
+        insert of the same id waits for the first and then reports the conflict.
+        """
+        values = dict(guid=guid, event=event_name, action=action, received_at=self.clock.now(), result=result)
+        if "delivery_insert" in self._stmts:
+            return s.execute(self._stmts["delivery_insert"], values).first() is not None
         try:
             with s.begin_nested():
-                s.add(Delivery(guid=guid, event=event_name, action=action, received_at=self.clock.now(), result=result))
+                s.add(Delivery(**values))
                 s.flush()
         except IntegrityError:
             return False
         return True
 
+    def insert_deliveries(self, s: Session, deliveries: dict[str, tuple[str, str | None]], result: str) -> set[str]:
+        """Record many delivery ids ({guid: (event, action)}) in one statement; returns the new ones."""
+        if self.dialect not in ("sqlite", "postgresql"):
+            return {g for g, (ev, action) in deliveries.items() if self.record_delivery(s, g, ev, action, result)}
+        now = self.clock.now()
+        rows = [dict(guid=g, event=ev, action=action, received_at=now, result=result) for g, (ev, action) in deliveries.items()]
+        # executemany with RETURNING: SQLAlchemy sends it as one multi-row INSERT, compiled once.
+        return set(s.execute(self._stmts["delivery_insert"], rows).scalars())
+
     # --- jobs --------------------------------------------------------------
+
+    def existing_job_ids(self, s: Session, ids: Iterable[int]) -> set[int]:
+        return set(s.execute(self._stmts["job_ids"], {"ids": list(ids)}).scalars())
+
+    def insert_jobs(self, s: Session, rows: list[dict[str, Any]]) -> None:
+        """New job rows (every row with the same keys) in one executemany; the ORM is not involved."""
+        s.execute(self._stmts["job_insert"], rows)
+
+    def on_demand_runs(self, s: Session, run_ids: Iterable[int]) -> set[int]:
+        """Runs with a job marked on-demand only (a spot interruption happened in the run)."""
+        ids = [r for r in run_ids if r]
+        if not ids:
+            return set()
+        return set(s.execute(self._stmts["on_demand_runs"], {"ids": ids}).scalars())
 
     def transition_job(
         self,
