@@ -232,9 +232,13 @@ class Budgets:
     def settle(self, s: Session, instance_id: str, cost_usd: float, at: datetime | None = None) -> None:
         """Turn the VM's reservations into spend; the cost is capped by nothing but the truth."""
         at = at or self.clock.now()
-        for r in s.scalars(select(Reservation).where(Reservation.instance_id == instance_id, Reservation.settled_at.is_(None))):
-            r.settled_at = at
-            r.cost_usd = cost_usd
+        for r in s.scalars(select(Reservation).where(Reservation.instance_id == instance_id)):
+            if r.settled_at is None:
+                r.settled_at = at
+                r.cost_usd = cost_usd
+            elif (r.cost_usd or 0.0) < cost_usd:
+                # Settled too early (at $0 for a launch that looked lost, and the VM turned up): spend follows the bill.
+                r.cost_usd = cost_usd
 
     # --- alerts ------------------------------------------------------------
 

@@ -31,6 +31,18 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+_RESERVED_DETAIL = {"s", "kind", "instance_id", "job_id"}
+
+
+def _event_detail(detail: dict) -> dict[str, str]:
+    """What a VM sent, bounded; its own keys never collide with the event's columns (a VM says job_id too)."""
+    out: dict[str, str] = {}
+    for k, v in list(detail.items())[:20]:
+        key = str(k)[:64]
+        out[f"vm_{key}" if key in _RESERVED_DETAIL else key] = str(v)[:200]
+    return out
+
+
 class Unauthorized(Exception):
     """Unknown, replayed or expired token. The message never contains the token."""
 
@@ -118,7 +130,7 @@ class Lifecycle:
             inst = s.get(Instance, name)
             if inst is None:
                 return "unknown-instance"
-            self.store.add_event(s, kind, instance_id=name, job_id=inst.job_id, **{k: str(v)[:200] for k, v in detail.items()})
+            self.store.add_event(s, kind, instance_id=name, job_id=inst.job_id, **_event_detail(detail))
             inst.last_event_at = now
             if kind == "job-started":
                 self.store.transition_instance(

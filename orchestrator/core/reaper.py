@@ -9,9 +9,12 @@ settle spend.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Iterable
+
+from sqlalchemy import func, select
 
 from orchestrator.config import Config, PoolConfig
 from orchestrator.core.budget import Budgets, billed_cost
@@ -19,8 +22,8 @@ from orchestrator.core.clock import Clock, as_utc
 from orchestrator.core.states import INSTANCE_GONE, INSTANCE_LIVE, InstanceState, JobState
 from orchestrator.github.base import DeleteResult, GitHub, GitHubError, RunnerScope
 from orchestrator.metrics import JOBS, LEAKED_VMS, REAPER_ACTIONS, REAPER_PASSES, RUNNERS
-from orchestrator.providers.base import CloudInstance, Provider, ProviderError
-from orchestrator.store.models import Instance, Job
+from orchestrator.providers.base import CloudInstance, Provider, ProviderError, vm_name
+from orchestrator.store.models import Event, Instance, Job, Reservation
 from orchestrator.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,9 @@ LAUNCH_GRACE_S = 120      # a REQUESTED row younger than this may still be mid-l
 LISTING_GRACE_S = 60      # a new VM may be missing from an eventually consistent listing
 STUCK_LAUNCHING_S = 300   # a claim older than this belongs to a dead worker
 IDLE_CONFIRMATIONS = 2    # passes that must agree a runner is idle before teardown
+WAKE_SCALER = frozenset({"requeue-job", "boot-timeout", "never-launched", "vm-gone", "drain", "idle", "max-lifetime", "orphan", "settle"})
+RERUN_WINDOW_S = 86400    # failed jobs older than this are not looked at again for spot reruns
+_DIGEST_RE = re.compile(r"^[0-9a-f]{10}$")
 
 
 @dataclass
@@ -92,7 +98,8 @@ class Reaper:
                 except Exception as e:  # each action stands alone; the next pass retries
                     errors.append(f"{action}: {type(e).__name__}: {e}")
                     log.warning("reaper action failed", extra={"action": str(action), "error": str(e)[:300]})
-            requeued = any(a.kind in ("requeue-job", "boot-timeout", "never-launched") for a in actions)
+            # A requeued job, or a VM gone (a max_runners slot and its reservation freed): the scaler looks again now.
+            requeued = any(a.kind in WAKE_SCALER for a in actions)
             self._after_pass()
             REAPER_PASSES.labels("ok" if not errors else "errors").inc()
         if requeued:
@@ -109,8 +116,10 @@ class Reaper:
                 provider = self.providers.get(cand.cloud)
                 if provider is not None:
                     locations.setdefault(cand.cloud, set()).add(provider.location_of(cand))
-        for inst in self.store.live_instances():
-            locations.setdefault(inst.cloud, set()).add(inst.location)
+        with self.store.session() as s:
+            live_states = [st.value for st in INSTANCE_LIVE]
+            for cloud, loc in s.execute(select(Instance.cloud, Instance.location).where(Instance.state.in_(live_states)).distinct()):
+                locations.setdefault(cloud, set()).add(loc)
         vms: dict[str, CloudInstance] = {}
         blind: set[str] = set()
         for cloud, locs in locations.items():
@@ -128,11 +137,29 @@ class Reaper:
                 log.warning("cloud inventory failed; skipping absence-based rules", extra={"cloud": cloud, "error": str(e)[:300]})
         return vms, blind
 
+    def _records(self) -> tuple[list[Instance], set[str]]:
+        """Live instances, plus ended ones whose spend is not settled yet; history stays in the database."""
+        with self.store.session() as s:
+            unsettled = set(s.scalars(select(Reservation.instance_id).where(Reservation.settled_at.is_(None)).distinct()))
+            live = list(s.scalars(
+                select(Instance).where(Instance.state.in_([st.value for st in INSTANCE_LIVE])).order_by(Instance.created_at, Instance.id)
+            ))
+            gone: list[Instance] = []
+            ids = sorted(unsettled - {i.id for i in live})
+            for chunk in range(0, len(ids), 500):
+                gone += s.scalars(
+                    select(Instance).where(Instance.id.in_(ids[chunk:chunk + 500]), Instance.state.in_([st.value for st in INSTANCE_GONE]))
+                )
+        return live + gone, unsettled
+
     def plan(self) -> list[Action]:
         now = self.clock.now()
+        # The listing comes first: a row is written before its VM is created, so every listed VM has its row below.
         vms, blind = self._inventory()
-        instances = self.store.instances()
+        instances, unsettled = self._records()
         by_name = {i.id: i for i in instances}
+        live = [i for i in instances if InstanceState(i.state) in INSTANCE_LIVE]
+        warm_reapable = self._warm_reapable(live, now)
         actions: list[Action] = []
 
         for inst in instances:
@@ -141,8 +168,8 @@ class Reaper:
             pool = self.config.pool(inst.pool)
             if state in INSTANCE_GONE:
                 if vm is not None:
-                    actions.append(self._terminate_action("orphan", inst, vm, "record says gone, VM still runs"))
-                elif self._unsettled(inst) and inst.cloud not in blind:
+                    actions.append(Action("orphan", inst.id, "record says gone, VM still runs", lambda v=vm: self._orphan(v)))
+                elif inst.id in unsettled and inst.cloud not in blind:
                     actions.append(Action("settle", inst.id, "no VM left", lambda i=inst: self._settle_gone(i)))
                 continue
             launched = as_utc(inst.launched_at) or as_utc(inst.created_at)
@@ -173,65 +200,106 @@ class Reaper:
                 actions.append(self._terminate_action("drain", inst, vm, inst.reason or ""))
                 continue
             if state == InstanceState.BOOTING and pool and age > pool.boot_timeout:
-                actions.append(self._terminate_action("boot-timeout", inst, vm, f"not registered after {int(age)}s", requeue="boot-timeout"))
+                # Deregister first: GitHub calling it busy means it runs a job we missed, so it stays.
+                actions.append(self._terminate_action("boot-timeout", inst, vm, f"not registered after {int(age)}s", deregister=True, requeue="boot-timeout"))
                 continue
             if state == InstanceState.IDLE and pool:
-                action = self._idle_action(inst, vm, pool, now, instances)
+                action = self._idle_action(inst, vm, pool, now, warm_reapable)
                 if action:
                     actions.append(action)
 
         for name, vm in vms.items():
             if name not in by_name:
-                actions.append(Action("orphan", name, f"cloud id {vm.instance_id}, no record", lambda v=vm: self._terminate_vm(v)))
+                actions.append(Action("orphan", name, f"cloud id {vm.instance_id}, no live record", lambda v=vm: self._orphan(v)))
 
-        actions += self._job_actions(now, by_name)
-        actions += self._ghost_actions(instances)
-        actions += self._warm_actions(instances)
+        actions += self._job_actions(now, live)
+        actions += self._ghost_actions(live)
+        actions += self._warm_actions(live)
         return actions
 
-    def _idle_action(self, inst: Instance, vm: CloudInstance, pool: PoolConfig, now: datetime, instances: list[Instance]) -> Action | None:
-        idle_since = as_utc(inst.idle_since) or as_utc(inst.bootstrapped_at) or as_utc(inst.launched_at)
-        if idle_since is None or (now - idle_since).total_seconds() < pool.idle_timeout:
+    def _idle_for(self, inst: Instance, now: datetime) -> float | None:
+        since = as_utc(inst.idle_since) or as_utc(inst.bootstrapped_at) or as_utc(inst.launched_at)
+        return None if since is None else (now - since).total_seconds()
+
+    def _warm_reapable(self, live: list[Instance], now: datetime) -> set[str]:
+        """Warm spares past idle_timeout that may go without taking the pool under min_idle."""
+        out: set[str] = set()
+        for pool in self.config.pools:
+            spare = [i for i in live if i.pool == pool.name and i.warm and i.job_id is None and i.state == InstanceState.IDLE.value]
+            excess = len(spare) - pool.min_idle
+            if excess <= 0:
+                continue
+            due = [i for i in spare if (self._idle_for(i, now) or 0) >= pool.idle_timeout]
+            # Those already being confirmed go first, so two passes agree on which ones leave.
+            due.sort(key=lambda i: (-i.idle_checks, -(self._idle_for(i, now) or 0), i.id))
+            out.update(i.id for i in due[:excess])
+        return out
+
+    def _idle_action(self, inst: Instance, vm: CloudInstance, pool: PoolConfig, now: datetime, warm_reapable: set[str]) -> Action | None:
+        idle_s = self._idle_for(inst, now)
+        if idle_s is None or idle_s < pool.idle_timeout:
             return None
-        if inst.warm and not inst.job_id:
-            spare = [i for i in instances if i.pool == pool.name and i.warm and i.job_id is None and i.state == InstanceState.IDLE.value]
-            if len(spare) <= pool.min_idle:
-                return None  # the warm pool's floor
+        if inst.warm and not inst.job_id and inst.id not in warm_reapable:
+            return None  # the warm pool's floor
         if inst.idle_checks + 1 < IDLE_CONFIRMATIONS:
             return Action("idle-check", inst.id, f"idle pass {inst.idle_checks + 1}", lambda i=inst: self._bump_idle(i))
-        return self._terminate_action("idle", inst, vm, f"idle {int((now - idle_since).total_seconds())}s", deregister=True)
+        return self._terminate_action("idle", inst, vm, f"idle {int(idle_s)}s", deregister=True)
 
-    def _job_actions(self, now: datetime, by_name: dict[str, Instance]) -> list[Action]:
+    def _job_actions(self, now: datetime, live: list[Instance]) -> list[Action]:
         out: list[Action] = []
+        serving: dict[int, int] = {}
+        for i in live:
+            if i.job_id is not None and i.state != InstanceState.DRAINING.value:
+                serving[i.job_id] = serving.get(i.job_id, 0) + 1
         for job in self.store.jobs([JobState.LAUNCHING, JobState.ASSIGNED]):
             updated = as_utc(job.updated_at)
             if job.state == JobState.LAUNCHING.value and (now - updated).total_seconds() > STUCK_LAUNCHING_S:
                 out.append(Action("requeue-job", str(job.id), "claim abandoned", lambda j=job: self._requeue(j.id, "claim-abandoned", [JobState.LAUNCHING])))
             elif job.state == JobState.ASSIGNED.value:
-                live = [i for i in by_name.values() if i.job_id == job.id and InstanceState(i.state) in INSTANCE_LIVE and i.state != InstanceState.DRAINING.value]
                 pool = self.config.pool(job.pool or "")
                 stale = pool is not None and (now - (as_utc(job.launched_at) or updated)).total_seconds() > pool.boot_timeout
-                if not live and stale:
+                if not serving.get(job.id) and stale:
                     out.append(Action("requeue-job", str(job.id), "no live runner", lambda j=job: self._requeue(j.id, "no-live-runner", [JobState.ASSIGNED])))
-        for job in self.store.jobs([JobState.COMPLETED, JobState.CANCELLED]):
-            if job.conclusion in ("failure", "cancelled") and job.reason is None and job.runner_name:
-                inst = by_name.get(job.runner_name)
-                pool = self.config.pool(job.pool or "")
-                if inst is not None and pool is not None and self._was_interrupted(inst):
-                    if pool.on_spot_interruption == "rerun":
-                        out.append(Action("spot-rerun", str(job.id), f"runner {inst.id} interrupted", lambda j=job: self._rerun(j)))
-                    else:
-                        out.append(Action("spot-fail", str(job.id), "on_spot_interruption: fail", lambda j=job: self._mark_job(j.id, "spot-interrupted")))
+        failed, runners = self._failed_jobs(now)
+        for job in failed:
+            inst = runners.get(job.runner_name or "")
+            pool = self.config.pool(job.pool or "")
+            if inst is not None and pool is not None and self._was_interrupted(inst):
+                if pool.on_spot_interruption == "rerun":
+                    out.append(Action("spot-rerun", str(job.id), f"runner {inst.id} interrupted", lambda j=job: self._rerun(j)))
+                else:
+                    out.append(Action("spot-fail", str(job.id), "on_spot_interruption: fail", lambda j=job: self._mark_job(j.id, "spot-interrupted")))
         return out
+
+    def _failed_jobs(self, now: datetime) -> tuple[list[Job], dict[str, Instance]]:
+        """Recently failed jobs not yet looked at, and the instances they ran on."""
+        since = now - timedelta(seconds=RERUN_WINDOW_S)
+        with self.store.session() as s:
+            jobs = list(s.scalars(
+                select(Job).where(
+                    Job.state.in_([JobState.COMPLETED.value, JobState.CANCELLED.value]),
+                    Job.conclusion.in_(["failure", "cancelled"]),
+                    Job.reason.is_(None),
+                    Job.runner_name.is_not(None),
+                    Job.completed_at >= since,
+                ).order_by(Job.completed_at, Job.id)
+            ))
+            names = sorted({j.runner_name for j in jobs if j.runner_name})
+            runners: dict[str, Instance] = {}
+            for chunk in range(0, len(names), 500):
+                runners.update((i.id, i) for i in s.scalars(select(Instance).where(Instance.id.in_(names[chunk:chunk + 500]))))
+        return jobs, runners
 
     @staticmethod
     def _was_interrupted(inst: Instance) -> bool:
         return bool(inst.interrupted) or (inst.reason or "").startswith("vanished-while-busy")
 
-    def _ghost_actions(self, instances: list[Instance]) -> list[Action]:
-        live = {i.id for i in instances if InstanceState(i.state) in INSTANCE_LIVE}
-        scopes = {i.runner_scope for i in instances if i.runner_scope}
-        prefix = f"{self.orchestrator_id}-"
+    def _ghost_actions(self, live: list[Instance]) -> list[Action]:
+        names = {i.id for i in live}
+        with self.store.session() as s:
+            scopes = set(s.scalars(select(Instance.runner_scope).where(Instance.runner_scope.is_not(None)).distinct()))
+            pools = set(s.scalars(select(Instance.pool).distinct()))
+        heads = self._name_heads(pools | {p.name for p in self.config.pools})
         out: list[Action] = []
         for key in sorted(scopes):
             scope = RunnerScope.parse(key)
@@ -241,11 +309,21 @@ class Reaper:
                 log.warning("listing runners failed", extra={"scope": key, "error": str(e)[:200]})
                 continue
             for r in runners:
-                if r.name.startswith(prefix) and r.name not in live and r.status == "offline":
+                if r.status == "offline" and r.name not in names and self._ours(r.name, heads):
                     out.append(Action("ghost-runner", r.name, key, lambda s=scope, rid=r.id: self.github.delete_runner(s, rid).value))
         return out
 
-    def _warm_actions(self, instances: list[Instance]) -> list[Action]:
+    def _name_heads(self, pools: Iterable[str]) -> set[str]:
+        # vm_name() is "<head>-<10 hex>"; the head is fixed per pool.
+        return {vm_name(self.orchestrator_id, p, "x")[:-11] for p in pools}
+
+    @staticmethod
+    def _ours(name: str, heads: set[str]) -> bool:
+        """Named by vm_name() for one of our pools: a prefix match alone would take another orchestrator's runners."""
+        head, sep, digest = name.rpartition("-")
+        return bool(sep) and head in heads and bool(_DIGEST_RE.match(digest))
+
+    def _warm_actions(self, live: list[Instance]) -> list[Action]:
         if self.scaler is None:
             return []
         out = []
@@ -254,7 +332,7 @@ class Reaper:
             if pool.min_idle <= 0 or pool.name in paused:
                 continue
             spare = [
-                i for i in instances
+                i for i in live
                 if i.pool == pool.name and i.job_id is None and i.state in (InstanceState.REQUESTED.value, InstanceState.BOOTING.value, InstanceState.IDLE.value)
             ]
             for _ in range(pool.min_idle - len(spare)):
@@ -276,43 +354,81 @@ class Reaper:
         with self.store.session() as s:
             self.store.transition_instance(s, inst.id, InstanceState.DRAINING, reason=inst.reason or kind)
         self.providers[inst.cloud].terminate(vm.instance_id, vm.location)
-        self._finish(inst.id, kind, requeue=requeue)
+        self._finish(inst.id, kind, requeue=requeue, started=vm.launched_at)
         return None
 
-    def _finish(self, name: str, reason: str, *, requeue: str | None = None, busy_lost: bool = False) -> None:
+    def _finish(
+        self, name: str, reason: str, *, requeue: str | None = None, busy_lost: bool = False,
+        started: datetime | None = None, vanished: bool = False,
+    ) -> None:
         """Record the VM as gone, settle its spend, and give its unstarted job back to the queue."""
         now = self.clock.now()
         with self.store.session() as s:
             inst = s.get(Instance, name)
             if inst is None:
                 return
-            cost = billed_cost(inst.price_per_hour, as_utc(inst.launched_at), now, inst.min_billing_s)
+            # A VM that ran without its launch being recorded still cost money from when the cloud started it.
+            start = as_utc(inst.launched_at) or as_utc(started)
+            end = now
+            pool = self.config.pool(inst.pool)
+            if vanished and start is not None and pool is not None:
+                # It went between two passes, and no pass saw it alive at max_lifetime (it would have
+                # been killed): it ended by then, so it is not billed past its reservation.
+                end = min(now, start + timedelta(seconds=pool.max_lifetime))
+            cost = billed_cost(inst.price_per_hour, start, end, inst.min_billing_s)
             final_reason = inst.reason or reason
             if busy_lost:
                 final_reason = "vanished-while-busy"
-            self.store.transition_instance(
+            if not self.store.transition_instance(
                 s, name, InstanceState.TERMINATED, from_states=list(INSTANCE_LIVE) + [InstanceState.FAILED],
                 terminated_at=now, cost_usd=cost, reason=final_reason, jit_config=None,
-            )
+            ):
+                return  # someone else ended it meanwhile, and settled it and its job
             self.budgets.settle(s, name, cost, now)
             job = s.get(Job, inst.job_id) if inst.job_id else None
-            if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value):
+            if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value) and not self._served_elsewhere(s, job.id, name):
                 self.store.transition_job(s, job.id, JobState.QUEUED, reason=requeue or reason, queued_at=now, not_before=None)
                 self.store.add_event(s, "job-requeued", job_id=job.id, instance_id=name, reason=requeue or reason)
+
+    @staticmethod
+    def _served_elsewhere(s, job_id: int, name: str) -> bool:
+        """Another live VM already carries this job (it was relaunched): requeueing would launch a duplicate."""
+        return bool(s.scalar(
+            select(func.count()).select_from(Instance).where(
+                Instance.job_id == job_id, Instance.id != name, Instance.state.in_([st.value for st in INSTANCE_LIVE])
+            )
+        ))
 
     def _terminate_vm(self, vm: CloudInstance) -> None:
         self.providers[vm.cloud].terminate(vm.instance_id, vm.location)
 
+    def _orphan(self, vm: CloudInstance) -> None:
+        """Terminate a VM no live record owns; if an ended record has its name, spend follows what it cost."""
+        self._terminate_vm(vm)
+        now = self.clock.now()
+        with self.store.session() as s:
+            inst = s.get(Instance, vm.name)
+            if inst is None:
+                return
+            cost = billed_cost(inst.price_per_hour, as_utc(inst.launched_at) or as_utc(vm.launched_at), now, inst.min_billing_s)
+            if not self.store.transition_instance(
+                s, inst.id, InstanceState.TERMINATED, from_states=[InstanceState.FAILED],
+                terminated_at=now, cost_usd=cost, instance_id=inst.instance_id or vm.instance_id,
+            ) and cost > (inst.cost_usd or 0.0):
+                inst.cost_usd = cost
+            self.budgets.settle(s, inst.id, cost, now)
+
     def _adopt(self, inst: Instance, vm: CloudInstance) -> None:
         now = self.clock.now()
         with self.store.session() as s:
-            self.store.transition_instance(
+            if not self.store.transition_instance(
                 s, inst.id, InstanceState.BOOTING, from_states=[InstanceState.REQUESTED],
                 instance_id=vm.instance_id, launched_at=vm.launched_at or now,
-            )
+            ):
+                return
             job = s.get(Job, inst.job_id) if inst.job_id else None
             if job is not None and job.state == JobState.LAUNCHING.value:
-                self.store.transition_job(s, job.id, JobState.ASSIGNED, launched_at=now, reason=None)
+                self.store.transition_job(s, job.id, JobState.ASSIGNED, launched_at=now, reason=None, not_before=None)
             self.store.add_event(s, "adopted", instance_id=inst.id, job_id=inst.job_id, cloud_id=vm.instance_id)
 
     def _never_launched(self, inst: Instance) -> None:
@@ -322,11 +438,39 @@ class Reaper:
                 return
             self.budgets.settle(s, inst.id, 0.0, now)
             job = s.get(Job, inst.job_id) if inst.job_id else None
-            if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value):
-                self.store.transition_job(s, job.id, JobState.QUEUED, reason="never-launched", queued_at=now)
+            if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value) and not self._served_elsewhere(s, job.id, inst.id):
+                self.store.transition_job(s, job.id, JobState.QUEUED, reason="never-launched", queued_at=now, not_before=None)
+        self._deregister_quietly(inst)
 
     def _vm_gone(self, inst: Instance) -> None:
-        self._finish(inst.id, "vanished", busy_lost=inst.state == InstanceState.BUSY.value)
+        self._finish(inst.id, "vanished", busy_lost=self._lost_mid_job(inst), vanished=True)
+        if inst.busy_since is None:
+            # It never took a job, so its registration lingers; an ephemeral runner that ran one is gone already.
+            self._deregister_quietly(inst)
+
+    def _lost_mid_job(self, inst: Instance) -> bool:
+        """The VM went away while it ran a job, rather than powering off after it."""
+        if inst.state == InstanceState.BUSY.value:
+            return True
+        if inst.state != InstanceState.DRAINING.value or inst.busy_since is None or inst.reason != "job-completed":
+            return False
+        # GitHub's webhook said the job failed, but the VM never said it was done (the runner hook posts
+        # job-completed before it powers off): GitHub failed the job because its runner was lost.
+        with self.store.session() as s:
+            job = s.get(Job, inst.job_id) if inst.job_id else None
+            if job is None or job.conclusion != "failure":
+                return False  # succeeded, or a person cancelled it
+            told = s.scalar(select(func.count()).select_from(Event).where(Event.instance_id == inst.id, Event.kind == "job-completed"))
+        return not told
+
+    def _deregister_quietly(self, inst: Instance) -> None:
+        """Drop the runner registration of a VM that is gone; the ghost rule retries what fails here."""
+        if not (inst.runner_id and inst.runner_scope):
+            return
+        try:
+            self.github.delete_runner(RunnerScope.parse(inst.runner_scope), inst.runner_id)
+        except GitHubError as e:
+            log.info("deregistering a gone runner failed; the ghost rule retries", extra={"instance": inst.id, "error": str(e)[:200]})
 
     def _settle_gone(self, inst: Instance) -> None:
         end = as_utc(inst.terminated_at) or self.clock.now()
@@ -337,12 +481,6 @@ class Reaper:
             if row is not None:
                 row.cost_usd = cost
 
-    def _unsettled(self, inst: Instance) -> bool:
-        from orchestrator.store.models import Reservation
-
-        with self.store.session() as s:
-            return s.query(Reservation).filter(Reservation.instance_id == inst.id, Reservation.settled_at.is_(None)).count() > 0
-
     def _bump_idle(self, inst: Instance) -> None:
         self.store.update_instance(inst.id, idle_checks=inst.idle_checks + 1)
 
@@ -352,9 +490,11 @@ class Reaper:
             self.store.transition_job(s, job_id, JobState.QUEUED, from_states=from_states, reason=reason, queued_at=now, not_before=None)
 
     def _rerun(self, job: Job) -> str:
+        # Marked before asking: the new attempt may be queued and launched before we hear back.
+        # The scaler sends a later attempt of a job so marked to the pool's next non-spot candidate.
+        self.store.update_job(job.id, on_demand_only=True)
         self.github.rerun_job(job.repository, job.id, installation_id=job.installation_id)
-        # The rerun comes back as a new attempt; on_demand_only sends it to the next non-spot candidate.
-        self.store.update_job(job.id, reason="spot-rerun-requested", on_demand_only=True)
+        self.store.update_job(job.id, reason="spot-rerun-requested")
         return "rerun requested"
 
     def _mark_job(self, job_id: int, reason: str) -> None:
@@ -372,11 +512,10 @@ class Reaper:
 
 
 def refresh_gauges(store: Store) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for inst in store.instances():
-        counts[(inst.state, inst.pool)] = counts.get((inst.state, inst.pool), 0) + 1
+    with store.session() as s:
+        counts = s.execute(select(Instance.state, Instance.pool, func.count()).group_by(Instance.state, Instance.pool)).all()
     RUNNERS.clear()
-    for (state, pool), n in counts.items():
+    for state, pool, n in counts:
         RUNNERS.labels(state, pool).set(n)
     by_state = store.count_jobs_by_state()
     for state in JobState:

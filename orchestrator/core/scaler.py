@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
+from sqlalchemy import select
+
 from orchestrator.config import Candidate, Config, PoolConfig
 from orchestrator.core.breaker import SpotBreaker
 from orchestrator.core.budget import Budgets, reservation_amount
@@ -112,6 +114,7 @@ class Scaler:
     def run_once(self, limit: int = 200) -> list[LaunchOutcome]:
         with self._lock:
             paused = self.store.paused_pools()
+            full: set[str] = set()  # pools found at max_runners in this pass: the rest of their jobs wait
             out = []
             for job in self.store.launchable_jobs(limit):
                 if job.pool in paused:
@@ -119,7 +122,15 @@ class Scaler:
                         self.store.update_job(job.id, reason="pool-paused")
                     out.append(LaunchOutcome(job.id, "held:pool-paused"))
                     continue
-                out.append(self.launch_job(job))
+                if job.pool in full:
+                    if job.reason != "max_runners":
+                        self.store.update_job(job.id, reason="max_runners")
+                    out.append(LaunchOutcome(job.id, "held:max_runners"))
+                    continue
+                outcome = self.launch_job(job)
+                if outcome.result == "held:max_runners" and job.pool:
+                    full.add(job.pool)
+                out.append(outcome)
             return out
 
     # --- one job -----------------------------------------------------------
@@ -151,8 +162,9 @@ class Scaler:
         if job.launch_attempts >= MAX_LAUNCH_ATTEMPTS:
             self._hold(job, f"gave-up:{job.launch_attempts}-launch-attempts", 3600)
             return LaunchOutcome(job.id, "held:gave-up")
+        on_demand = job.on_demand_only or self._reruns_interrupted(job)
         candidates = [
-            (i, c) for i, c in candidates_for_arch(pool, job.labels) if not (job.on_demand_only and c.spot)
+            (i, c) for i, c in candidates_for_arch(pool, job.labels) if not (on_demand and c.spot)
         ]
         last_reason = "no-candidate"
         for index, cand in candidates:
@@ -166,8 +178,29 @@ class Scaler:
             if result.result.startswith("stop:"):
                 return LaunchOutcome(job.id, "held:" + result.result[5:])
             last_reason = result.result
-        self._hold(job, last_reason, backoff_s(job.launch_attempts + 1) if not last_reason.startswith("budget:") else None)
+        # A full pool or an exhausted budget frees up without a launch failing: retry on the next pass, no backoff.
+        waits = last_reason.startswith("budget:") or last_reason == "max_runners"
+        self._hold(job, last_reason, None if waits else backoff_s(job.launch_attempts + 1))
         return LaunchOutcome(job.id, f"held:{last_reason}")
+
+    def _reruns_interrupted(self, job: Job) -> bool:
+        """A later attempt of a job whose spot runner was interrupted: GitHub gives a rerun a new job id."""
+        if job.run_attempt <= 1 or not job.run_id:
+            return False
+        with self.store.session() as s:
+            earlier = s.scalars(
+                select(Job).where(
+                    Job.run_id == job.run_id, Job.repository == job.repository, Job.id != job.id,
+                    Job.run_attempt < job.run_attempt, Job.on_demand_only.is_(True),
+                )
+            ).all()
+            mine = sorted(label.lower() for label in job.labels)
+            if not any(sorted(label.lower() for label in e.labels) == mine for e in earlier):
+                return False
+            row = s.get(Job, job.id)
+            if row is not None:
+                row.on_demand_only = True  # visible, and kept for its own later attempts
+        return True
 
     def _try_candidate(self, job: Job, pool: PoolConfig, index: int, cand: Candidate) -> LaunchOutcome:
         provider = self.providers.get(cand.cloud)
@@ -229,6 +262,8 @@ class Scaler:
             fresh = s.get(Job, job.id)
             if fresh is None or fresh.state != JobState.LAUNCHING.value:
                 return None, "stop:job-changed"
+            # The count and the insert under one lock (the budget's), so replicas cannot both take the last slot.
+            self.store.xact_lock(s, "budget")
             if self.store.count_live(s, pool.name) >= pool.max_runners:
                 return None, "max_runners"
             attempt = fresh.launch_attempts + 1
@@ -272,6 +307,7 @@ class Scaler:
             name = vm_name(self.orchestrator_id, pool.name, launch_key)
             token = new_token()
             with self.store.session() as s:
+                self.store.xact_lock(s, "budget")
                 if self.store.count_live(s, pool.name) >= pool.max_runners:
                     return "skipped: max_runners"
                 amount = reservation_amount(price, pool.max_lifetime, provider.min_billing_seconds)
