@@ -80,7 +80,12 @@ skip_user="${ORCH_SKIP_USERADD:-0}"
 
 # --- 1. watchdog: no VM outlives max_lifetime, even if everything below hangs ---
 arm_watchdog() {
-  local minutes=$(((ORCH_MAX_LIFETIME_S + 59) / 60))
+  # Count from the launch (the deadline), not from boot, and round down: early, never late.
+  local seconds="$ORCH_MAX_LIFETIME_S"
+  if [[ -n "${ORCH_DEADLINE_EPOCH:-}" ]]; then
+    seconds=$((ORCH_DEADLINE_EPOCH - $(date +%s)))
+  fi
+  local minutes=$((seconds / 60))
   ((minutes < 1)) && minutes=1
   if shutdown -h "+$minutes" "orchestrator: max_lifetime reached" >/dev/null 2>&1; then
     log "watchdog armed: power off in $minutes min"

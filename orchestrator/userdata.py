@@ -52,12 +52,13 @@ class UserDataContext:
     # with it until the VM holds an instance token, and for good in inline mode.
     bootstrap_token: str | None
     jit_config: str | None  # inline mode only; never rendered in callback mode
-    max_lifetime_s: int  # watchdog: shutdown -h +ceil(max_lifetime/60)
+    max_lifetime_s: int  # watchdog: shutdown -h +floor(max_lifetime/60) when no deadline is given
     expected_gpus: int  # GPU preflight: at least this many; 0 = skip
     runner_version: str  # e.g. "2.330.0"
     runner_sha256: str | None  # pinned sha256 of the runner tarball
     runner_preinstalled_path: str | None  # runner baked into the image at this path
     arch: str = "x64"  # x64 | arm64
+    deadline_epoch: int | None = None  # launch time + max_lifetime; the watchdog counts to it
 
 
 def _check(ctx: UserDataContext, *, redact: bool) -> None:
@@ -166,6 +167,7 @@ def render_user_data(ctx: UserDataContext, *, redact: bool = False) -> str:
             "ORCH_URL": ctx.orchestrator_url.rstrip("/"),
             "ORCH_BOOTSTRAP_MODE": ctx.bootstrap_mode,
             "ORCH_MAX_LIFETIME_S": str(ctx.max_lifetime_s),
+            "ORCH_DEADLINE_EPOCH": str(ctx.deadline_epoch) if ctx.deadline_epoch else "",
             "ORCH_EXPECTED_GPUS": str(ctx.expected_gpus),
             "ORCH_RUNNER_VERSION": ctx.runner_version,
             "ORCH_RUNNER_SHA256": (ctx.runner_sha256 or "").lower(),

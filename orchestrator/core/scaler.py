@@ -269,7 +269,7 @@ class Scaler:
             attempt = fresh.launch_attempts + 1
             launch_key = f"{fresh.id}-{fresh.run_attempt}-{attempt}"
             name = vm_name(self.orchestrator_id, pool.name, launch_key)
-            amount = reservation_amount(price, pool.max_lifetime, provider.min_billing_seconds)
+            amount = reservation_amount(reservation_price(cand, price), pool.max_lifetime, provider.min_billing_seconds)
             blocked = self.budgets.reserve(s, instance_id=name, pool=pool.name, repository=fresh.repository, amount_usd=amount)
             if blocked:
                 BUDGET_BLOCKED.labels(blocked).inc()
@@ -310,7 +310,7 @@ class Scaler:
                 self.store.xact_lock(s, "budget")
                 if self.store.count_live(s, pool.name) >= pool.max_runners:
                     return "skipped: max_runners"
-                amount = reservation_amount(price, pool.max_lifetime, provider.min_billing_seconds)
+                amount = reservation_amount(reservation_price(cand, price), pool.max_lifetime, provider.min_billing_seconds)
                 blocked = self.budgets.reserve(s, instance_id=name, pool=pool.name, repository=f"{owner}/*", amount_usd=amount)
                 if blocked:
                     return f"skipped: budget:{blocked}"
@@ -346,6 +346,7 @@ class Scaler:
             bootstrap_token=token,
             jit_config=jit if pool.bootstrap == "inline" else None,
             max_lifetime_s=pool.max_lifetime,
+            deadline_epoch=int(self.clock.time()) + pool.max_lifetime,
             expected_gpus=provider.expected_gpus(cand),
             runner=pool.runner,
             arch=cand.arch,
@@ -390,6 +391,11 @@ class Scaler:
             self.store.transition_instance(s, name, InstanceState.FAILED, reason=reason, terminated_at=now, jit_config=None)
             if settle:
                 self.budgets.settle(s, name, 0.0, now)
+
+
+def reservation_price(cand: Candidate, price: float) -> float:
+    """A spot bid cap bounds what the VM can ever cost per hour; reserve at it, so a rising spot price stays inside the cap."""
+    return max(price, cand.max_price or 0.0) if cand.spot else price
 
 
 def warm_owner(config: Config) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 
@@ -43,14 +42,24 @@ def event_names(vm: FakeVM) -> list[str]:
     return [r["json"]["event"] for r in vm.stub.events()]
 
 
+def test_watchdog_counts_to_the_launch_deadline(vm: FakeVM) -> None:
+    """Boot time eats into max_lifetime: the VM powers off by launch + max_lifetime."""
+    import time
+
+    ctx = vm.context(max_lifetime_s=3600, deadline_epoch=int(time.time()) + 3600 - 600)
+    vm.install(ctx)
+    res = vm.run()
+    assert res.trace[0].startswith("shutdown -h +49 ") or res.trace[0].startswith("shutdown -h +50 "), res.trace
+
+
 def test_happy_path_callback(vm: FakeVM) -> None:
     ctx = vm.context(max_lifetime_s=6 * 3600 + 1)
     vm.install(ctx)
     res = vm.run()
     assert res.rc == 0, res.log
 
-    # The watchdog comes before anything else the VM does.
-    minutes = math.ceil(ctx.max_lifetime_s / 60)
+    # The watchdog comes before anything else the VM does, rounded down: early, never late.
+    minutes = ctx.max_lifetime_s // 60
     assert res.trace[0].startswith(f"shutdown -h +{minutes} "), res.trace
 
     boots = vm.stub.calls("POST", "/api/v1/bootstrap")
