@@ -272,3 +272,31 @@ def test_sqlite_uses_wal(sqlite_url):
 
 def test_ping(store):
     assert store.ping()
+
+
+def test_replicas_starting_together_with_a_configured_id(postgres_url):
+    """Two replicas on a fresh database both write the configured id: neither may crash."""
+    import threading
+
+    from orchestrator.core.clock import FakeClock
+    from orchestrator.store.store import Store
+
+    stores = [Store(postgres_url, FakeClock()) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    results, errors = [], []
+
+    def start(store):
+        barrier.wait()
+        try:
+            results.append(store.orchestrator_id("orch-fixed"))
+        except Exception as e:  # the bug was an IntegrityError escaping here
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(st,)) for st in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for st in stores:
+        st.close()
+    assert not errors and results == ["orch-fixed"] * 4

@@ -169,14 +169,21 @@ class Store:
 
     def orchestrator_id(self, configured: str | None = None) -> str:
         """The id every tag and runner name carries: from config, or generated once and kept."""
+        if configured:
+            for _ in range(2):  # a replica starting at the same moment may insert first
+                try:
+                    with self.session() as s:
+                        row = s.get(Meta, "orchestrator_id")
+                        if row is None:
+                            s.add(Meta(key="orchestrator_id", value=configured))
+                        elif row.value != configured:
+                            row.value = configured
+                    break
+                except IntegrityError:
+                    continue
+            return configured
         with self.session() as s:
             row = s.get(Meta, "orchestrator_id")
-            if configured:
-                if row is None:
-                    s.add(Meta(key="orchestrator_id", value=configured))
-                elif row.value != configured:
-                    row.value = configured
-                return configured
             if row is not None:
                 return row.value
         candidate = "orch-" + secrets.token_hex(3)
