@@ -52,6 +52,12 @@ class SandboxWorld:
         self.rng = rng or random.Random(self.settings.seed)
         self.vms: dict[str, SandboxVM] = {}
         self.calls: Counter[str] = Counter()
+        # Per instance type (boot_time, boot_jitter) overrides; the simulator sets these.
+        self.boot_times: dict[str, tuple[float, float]] = {}
+        # Every launch request as (time, launch_key), refused ones too: decision delay is measured on it.
+        self.launch_requests: list[tuple[float, str]] = []
+        self._live: dict[str, SandboxVM] = {}      # indexes: a day of VMs must not make every call O(n)
+        self._by_key: dict[str, SandboxVM] = {}
         self.guest: Callable[[SandboxVM], None] | None = None
         self.on_terminated: Callable[[SandboxVM], None] | None = None
         self._fail_next: list[str] = []
@@ -67,9 +73,10 @@ class SandboxWorld:
 
     def create(self, spec: LaunchSpec, price: float) -> SandboxVM:
         with self._lock:
-            for vm in self.vms.values():
-                if vm.launch_key == spec.launch_key:
-                    return vm  # idempotent on the launch key, like a ClientToken
+            self.launch_requests.append((self.clock.time(), spec.launch_key))
+            known = self._by_key.get(spec.launch_key)
+            if known is not None:
+                return known  # idempotent on the launch key, like a ClientToken
             if self._fail_next:
                 kind = self._fail_next.pop(0)
                 raise CapacityError(f"sandbox: injected {kind} error", code="SandboxInsufficientCapacity")
@@ -77,7 +84,8 @@ class SandboxWorld:
                 raise CapacityError("sandbox: no spot capacity", code="SandboxInsufficientCapacity")
             self._seq += 1
             now = self.clock.time()
-            boot = max(self.settings.boot_time + self.rng.uniform(-1, 1) * self.settings.boot_jitter, 1.0)
+            mean, jitter = self.boot_profile(spec.candidate)
+            boot = max(mean + self.rng.uniform(-1, 1) * jitter, 1.0)
             digest = hashlib.sha256(spec.launch_key.encode()).hexdigest()[:8]
             vm = SandboxVM(
                 instance_id=f"sbx-{self._seq:06d}-{digest}",
@@ -93,7 +101,7 @@ class SandboxWorld:
                 launched_at=now,
                 boot_at=now + boot,
             )
-            self.vms[vm.instance_id] = vm
+            self._add(vm)
         if self.timeline is not None:
             self.timeline.at(vm.boot_at, lambda: self._boot(vm))
         return vm
@@ -104,12 +112,20 @@ class SandboxWorld:
             self._seq += 1
             now = self.clock.time()
             vm = SandboxVM(f"sbx-{self._seq:06d}-ext", name, DEFAULT_REGION, "other", False, 0.0, dict(tags), "", {}, f"ext-{self._seq}", now, now, "running")
-            self.vms[vm.instance_id] = vm
+            self._add(vm)
             return vm
+
+    def _add(self, vm: SandboxVM) -> None:
+        self.vms[vm.instance_id] = vm
+        self._live[vm.instance_id] = vm
+        self._by_key[vm.launch_key] = vm
+
+    def boot_profile(self, candidate: Candidate) -> tuple[float, float]:
+        return boot_profile(candidate, self.settings, self.boot_times)
 
     def step(self) -> None:
         """Boot whatever is due (when no timeline drives the world)."""
-        for vm in list(self.vms.values()):
+        for vm in list(self._live.values()):
             if vm.state == "pending" and vm.boot_at <= self.clock.time():
                 self._boot(vm)
 
@@ -127,6 +143,7 @@ class SandboxWorld:
                 return False
             vm.state = "terminated"
             vm.terminated_at = self.clock.time()
+            self._live.pop(instance_id, None)
             vm.interrupted = vm.interrupted or interrupted
         if self.on_terminated is not None:
             self.on_terminated(vm)
@@ -142,7 +159,23 @@ class SandboxWorld:
         return vm.price_per_hour * self.billed_seconds(vm, until) / 3600.0
 
     def live(self) -> list[SandboxVM]:
-        return [vm for vm in self.vms.values() if vm.state != "terminated"]
+        return [vm for vm in self._live.values() if vm.state != "terminated"]
+
+
+def boot_profile(candidate: Candidate, settings: SandboxSettings, by_type: dict[str, tuple[float, float]] | None = None) -> tuple[float, float]:
+    """(boot time, jitter) of a candidate: its own fields where the config has them, else per instance type, else cloud-wide."""
+    own = getattr(candidate, "boot_time", None)
+    if own is not None:
+        jitter = getattr(candidate, "boot_jitter", None)
+        return float(own), float(settings.boot_jitter if jitter is None else jitter)
+    return (by_type or {}).get(candidate.instance_type, (float(settings.boot_time), float(settings.boot_jitter)))
+
+
+def sandbox_price(candidate: Candidate) -> float:
+    """USD per hour: the candidate's own price, else a flat spot / on-demand pair."""
+    if candidate.price_per_hour is not None:
+        return candidate.price_per_hour
+    return 0.20 if candidate.spot else 0.60
 
 
 def _to_cloud_instance(vm: SandboxVM) -> CloudInstance:
@@ -189,9 +222,7 @@ class SandboxProvider(Provider):
         ]
 
     def price_per_hour(self, candidate: Candidate) -> float:
-        if candidate.price_per_hour is not None:
-            return candidate.price_per_hour
-        return 0.20 if candidate.spot else 0.60
+        return sandbox_price(candidate)
 
     def expected_gpus(self, candidate: Candidate) -> int:
         return candidate.gpu.count if candidate.gpu else 0

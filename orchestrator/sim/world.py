@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import urllib.error
 import urllib.request
@@ -61,6 +62,16 @@ class HttpVmApi:
         self._post(f"/api/v1/instances/{name}/events", token, {"event": kind, "detail": detail or {}})
 
 
+def interruption_delay(rng: random.Random, rate_per_hour: float) -> float | None:
+    """Seconds until a spot VM is reclaimed: `rate_per_hour` is the chance it happens within an hour
+    of running (a constant hazard, so long-lived VMs are hit more often than short ones); 1 = soon."""
+    if rate_per_hour <= 0:
+        return None
+    if rate_per_hour >= 1:
+        return rng.uniform(30, 900)
+    return rng.expovariate(-math.log(1.0 - rate_per_hour) / 3600.0)
+
+
 class Guest:
     """What a sandbox VM does once booted: bootstrap once, run one job, power off."""
 
@@ -87,8 +98,10 @@ class Guest:
             return
         instance_token = res["instance_token"]
         vm.guest_state["token"] = instance_token
-        if vm.spot and timeline is not None and self.rng.random() < self.world.settings.spot_interruption_rate:
-            timeline.after(self.rng.uniform(30, 900), lambda: self.interrupt(vm))
+        if vm.spot and timeline is not None:
+            delay = interruption_delay(self.rng, self.world.settings.spot_interruption_rate)
+            if delay is not None:
+                timeline.after(delay, lambda: self.interrupt(vm))
 
         def started(job: SimJob) -> None:
             self._post(vm, "job-started", {"job_id": job.id})
