@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace", required=True)
     s.add_argument("--report", required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overlay", help="simulator options YAML (default: the trace's .yaml beside it, if any)")
     s.add_argument("--format", choices=["json", "table"], default="json")
     s.set_defaults(fn=cmd_simulate)
 

@@ -211,6 +211,9 @@ class Candidate(_Model):
     gpu: GpuSpec | None = None
     price_per_hour: float | None = Field(default=None, gt=0)
     max_price: float | None = Field(default=None, gt=0)
+    # Sandbox only (demo, simulate): this candidate's boot time, instead of clouds.sandbox's.
+    boot_time: Duration | None = None
+    boot_jitter: Duration | None = None
 
     def key(self) -> str:
         """Stable identity of a capacity pool, for circuit breakers and metrics."""
@@ -369,6 +372,8 @@ def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
                 out.append((where, f"candidate uses cloud {cand.cloud!r} but clouds.{cand.cloud} is not configured"))
             if cand.cloud in ("aws", "gcp", "azure") and not cand.image:
                 out.append((("pools", i, "candidates", j), f"a {cand.cloud} candidate needs an image"))
+            if cand.cloud != "sandbox" and (cand.boot_time is not None or cand.boot_jitter is not None):
+                out.append((("pools", i, "candidates", j), "boot_time and boot_jitter apply to sandbox candidates only"))
             if cand.cloud == "gcp" and not cand.zone:
                 out.append((("pools", i, "candidates", j), "a gcp candidate needs a zone"))
     budget_names: set[str] = set()

@@ -114,6 +114,27 @@ def _read(name: str) -> str:
     return (_resources() / name).read_text(encoding="utf-8")
 
 
+@lru_cache(maxsize=None)
+def _template() -> jinja2.Template:
+    """Compiled once: a launch renders it, and compiling costs more than rendering."""
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.from_string(_read(TEMPLATE))
+
+
+@lru_cache(maxsize=None)
+def _scripts() -> tuple[dict[str, str], ...]:
+    return tuple(
+        {"path": f"{INSTALL_DIR}/{name}", "permissions": "0755", "content": _pack(strip_comments(_read(name)))}
+        for name in SCRIPTS
+    )
+
+
 def strip_comments(script: str) -> str:
     """The script as shipped: comment-only and blank lines dropped, heredocs untouched.
 
@@ -186,23 +207,11 @@ def render_user_data(ctx: UserDataContext, *, redact: bool = False) -> str:
             secrets["ORCH_JIT_CONFIG"] = jit
     secret_text = _env_file("Read once and deleted by bootstrap.sh.", secrets) if secrets else ""
 
-    scripts = [
-        {"path": f"{INSTALL_DIR}/{name}", "permissions": "0755", "content": _pack(strip_comments(_read(name)))}
-        for name in SCRIPTS
-    ]
-    env = jinja2.Environment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    template = env.from_string(_read(TEMPLATE))
-    text = template.render(
+    text = _template().render(
         instance_name=ctx.instance_name,
         cloud=ctx.cloud,
         bootstrap_mode=ctx.bootstrap_mode,
-        scripts=scripts,
+        scripts=_scripts(),
         config_path=CONFIG_PATH,
         config_text=config_text.rstrip("\n"),
         secret_path=SECRET_PATH,

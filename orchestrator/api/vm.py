@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.core.lifecycle import Unauthorized, UnknownEvent
+from orchestrator.core.lifecycle import NotReady, Unauthorized, UnknownEvent
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["vm"])
@@ -33,7 +33,7 @@ class VmEvent(BaseModel):
     detail: dict = Field(default_factory=dict)
 
 
-@router.post("/bootstrap", response_model=BootstrapResponse, responses={401: {"description": "token unknown, replayed or expired"}})
+@router.post("/bootstrap", response_model=BootstrapResponse, responses={401: {"description": "token unknown, replayed or expired"}, 503: {"description": "runner config not ready yet; retry"}})
 async def bootstrap(request: Request):
     orch = request.app.state.orch
     try:
@@ -41,6 +41,8 @@ async def bootstrap(request: Request):
     except Unauthorized as e:
         log.warning("bootstrap refused", extra={"why": str(e)})
         return JSONResponse({"detail": str(e)}, status_code=401)
+    except NotReady as e:
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
     return BootstrapResponse(**result.__dict__)
 
 

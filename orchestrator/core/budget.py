@@ -242,21 +242,24 @@ class Budgets:
 
     # --- alerts ------------------------------------------------------------
 
-    def check_alerts(self) -> list[tuple[str, float]]:
-        """Fire each threshold once per period: a log line, a metric and the optional webhook."""
+    def check_alerts(self, views: list[BudgetView] | None = None) -> list[tuple[str, float]]:
+        """Fire each threshold once per period: a log line, a metric and the optional webhook.
+
+        `views` saves recomputing the ledger when the caller has just read it.
+        """
         fired: list[tuple[str, float]] = []
+        views = self.views() if views is None else views
         with self.store.session() as s:
-            for b in self.effective(s):
-                v = self._view(s, b)
+            for v in views:
                 used = v.spent_usd + v.reserved_usd
-                for threshold in b.alert_at:
+                for threshold in v.alert_at:
                     if v.limit_usd <= 0 or used < v.limit_usd * threshold - EPSILON:
                         continue
-                    key = (b.name, v.period_start, float(threshold))
+                    key = (v.name, v.period_start, float(threshold))
                     if s.get(AlertSent, key) is not None:
                         continue
-                    s.add(AlertSent(budget=b.name, period_start=v.period_start, threshold=float(threshold), sent_at=self.clock.now()))
-                    fired.append((b.name, threshold, v))
+                    s.add(AlertSent(budget=v.name, period_start=v.period_start, threshold=float(threshold), sent_at=self.clock.now()))
+                    fired.append((v.name, threshold, v))
         out = []
         for name, threshold, v in fired:
             BUDGET_ALERTS.labels(name, str(threshold)).inc()

@@ -51,6 +51,10 @@ class UnknownEvent(ValueError):
     pass
 
 
+class NotReady(Exception):
+    """The VM booted before its JIT config was made (callback mode makes it after the launch): retry shortly."""
+
+
 @dataclass(frozen=True)
 class BootstrapResult:
     instance_id: str
@@ -82,8 +86,10 @@ class Lifecycle:
             if as_utc(inst.bootstrap_expires_at) is None or as_utc(inst.bootstrap_expires_at) <= now:
                 log.warning("bootstrap token expired", extra={"instance": inst.id})
                 raise Unauthorized("bootstrap token expired")
-            if InstanceState(inst.state) not in INSTANCE_LIVE or not inst.jit_config:
+            if InstanceState(inst.state) not in INSTANCE_LIVE:
                 raise Unauthorized("instance is not expecting a bootstrap")
+            if not inst.jit_config:
+                raise NotReady("runner config not ready yet")
             jit = inst.jit_config
             inst.bootstrap_used = True
             inst.jit_config = None  # served once; nothing usable stays behind

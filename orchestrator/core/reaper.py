@@ -430,6 +430,8 @@ class Reaper:
             if job is not None and job.state == JobState.LAUNCHING.value:
                 self.store.transition_job(s, job.id, JobState.ASSIGNED, launched_at=now, reason=None, not_before=None)
             self.store.add_event(s, "adopted", instance_id=inst.id, job_id=inst.job_id, cloud_id=vm.instance_id)
+        if self.scaler is not None:
+            self.scaler.attach_jit(inst.id)  # the launch died before asking GitHub for the runner config
 
     def _never_launched(self, inst: Instance) -> None:
         now = self.clock.now()
@@ -503,9 +505,8 @@ class Reaper:
     # --- after every pass --------------------------------------------------
 
     def _after_pass(self) -> None:
-        self.budgets.views()  # refreshes the budget gauges
         try:
-            self.budgets.check_alerts()
+            self.budgets.check_alerts(self.budgets.views())  # views() also refreshes the budget gauges
         except Exception:
             log.exception("budget alert check failed")
         refresh_gauges(self.store)

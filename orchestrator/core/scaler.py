@@ -22,7 +22,7 @@ from orchestrator.core.budget import Budgets, reservation_amount
 from orchestrator.core.clock import Clock, as_utc
 from orchestrator.core.lifecycle import new_token, token_hash
 from orchestrator.core.routing import candidates_for_arch, runner_labels
-from orchestrator.core.states import InstanceState, JobState
+from orchestrator.core.states import INSTANCE_LIVE, InstanceState, JobState
 from orchestrator.github.base import GitHub, GitHubError, GitHubRateLimited, RunnerScope
 from orchestrator.metrics import BUDGET_BLOCKED, LAUNCHES, WEBHOOK_TO_LAUNCH
 from orchestrator.providers.base import (
@@ -113,6 +113,7 @@ class Scaler:
 
     def run_once(self, limit: int = 200) -> list[LaunchOutcome]:
         with self._lock:
+            self.attach_pending_jit()
             paused = self.store.paused_pools()
             full: set[str] = set()  # pools found at max_runners in this pass: the rest of their jobs wait
             out = []
@@ -216,20 +217,16 @@ class Scaler:
             inst, held = self._record(job, pool, index, cand, price, provider)
             if held:
                 return LaunchOutcome(job.id, held)
-            try:
-                jit = self.github.create_jit_config(
-                    RunnerScope.parse(inst.runner_scope),
-                    name=inst.id,
-                    labels=inst.labels,
-                    installation_id=job.installation_id,
-                )
-            except GitHubError as e:
-                self._fail_instance(inst.id, e.reason)
-                retry = max(e.reset_at - self.clock.time(), 1) if isinstance(e, GitHubRateLimited) else backoff_s(job.launch_attempts + 1)
-                self._hold(job, e.reason, retry)
-                return LaunchOutcome(job.id, "stop:" + e.reason)
-            self.store.update_instance(inst.id, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config if pool.bootstrap == "callback" else None)
-            spec = self._spec(job, pool, cand, inst, jit.encoded_jit_config, provider)
+            jit = None
+            if pool.bootstrap == "inline":
+                # The config travels in user-data, so it must exist before the launch.
+                try:
+                    jit = self._create_jit(inst)
+                except GitHubError as e:
+                    self._fail_instance(inst.id, e.reason)
+                    self._hold(job, e.reason, self._github_retry_s(e, job))
+                    return LaunchOutcome(job.id, "stop:" + e.reason)
+            spec = self._spec(job, pool, cand, inst, jit.encoded_jit_config if jit else None, provider)
             try:
                 vm = provider.launch(spec)
             except LaunchKeyUsedError:
@@ -251,9 +248,46 @@ class Scaler:
                 self._fail_instance(inst.id, "transient", settle=False)
                 self._hold(job, "cloud-throttled", e.retry_after or backoff_s(job.launch_attempts + 1))
                 return LaunchOutcome(job.id, "stop:cloud-throttled")
-            return self._launched(job, inst, vm, cand)
+            outcome = self._launched(job, inst, vm, cand)
+            if jit is None:
+                # Callback mode: the VM needs its config only once booted, so GitHub is asked after the launch.
+                self.attach_jit(inst.id)
+            return outcome
         self._hold(job, "launch-key-used", backoff_s(job.launch_attempts + 1))
         return LaunchOutcome(job.id, "stop:launch-key-used")
+
+    def _github_retry_s(self, e: GitHubError, job: Job) -> float:
+        if isinstance(e, GitHubRateLimited):
+            return max(e.reset_at - self.clock.time(), 1)
+        return backoff_s(job.launch_attempts + 1)
+
+    def _create_jit(self, inst: Instance):
+        jit = self.github.create_jit_config(
+            RunnerScope.parse(inst.runner_scope), name=inst.id, labels=inst.labels, installation_id=inst.installation_id
+        )
+        self.store.update_instance(inst.id, runner_id=jit.runner_id)
+        return jit
+
+    def attach_jit(self, name: str) -> bool:
+        """Make the runner config a booted callback VM will fetch; until then its bootstrap answers 503."""
+        inst = self.store.get_instance(name)
+        if inst is None or inst.runner_id is not None or inst.bootstrap_used or InstanceState(inst.state) not in INSTANCE_LIVE:
+            return False
+        try:
+            jit = self._create_jit(inst)
+        except GitHubError as e:
+            log.warning("runner config not made yet; retried next pass", extra={"instance": name, "reason": e.reason})
+            return False
+        self.store.update_instance(name, jit_config=jit.encoded_jit_config)
+        return True
+
+    def attach_pending_jit(self) -> int:
+        """Retry the runner configs that failed right after their launch (GitHub down or rate limited)."""
+        pending = [
+            i.id for i in self.store.instances([InstanceState.REQUESTED, InstanceState.BOOTING])
+            if i.runner_id is None and not i.bootstrap_used and i.instance_id
+        ]
+        return sum(self.attach_jit(name) for name in pending)
 
     def _record(self, job: Job, pool: PoolConfig, index: int, cand: Candidate, price: float, provider: Provider) -> tuple[Instance | None, str | None]:
         """Record the instance and its reservations in one transaction, or say why not."""

@@ -164,9 +164,9 @@ class SandboxWorld:
 
 def boot_profile(candidate: Candidate, settings: SandboxSettings, by_type: dict[str, tuple[float, float]] | None = None) -> tuple[float, float]:
     """(boot time, jitter) of a candidate: its own fields where the config has them, else per instance type, else cloud-wide."""
-    own = getattr(candidate, "boot_time", None)
+    own = candidate.boot_time
     if own is not None:
-        jitter = getattr(candidate, "boot_jitter", None)
+        jitter = candidate.boot_jitter
         return float(own), float(settings.boot_jitter if jitter is None else jitter)
     return (by_type or {}).get(candidate.instance_type, (float(settings.boot_time), float(settings.boot_jitter)))
 

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Protocol
 
-from orchestrator.core.lifecycle import Lifecycle
+from orchestrator.core.lifecycle import Lifecycle, NotReady
 from orchestrator.github.simulated import SimJob, SimulatedGitHub
 from orchestrator.providers.sandbox import SandboxVM, SandboxWorld
 
@@ -56,7 +56,12 @@ class HttpVmApi:
             return json.loads(resp.read() or b"{}")
 
     def bootstrap(self, token: str) -> dict:
-        return self._post("/api/v1/bootstrap", token, {})
+        try:
+            return self._post("/api/v1/bootstrap", token, {})
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                raise NotReady("runner config not ready yet") from None
+            raise
 
     def event(self, name: str, token: str, kind: str, detail: dict | None = None) -> None:
         self._post(f"/api/v1/instances/{name}/events", token, {"event": kind, "detail": detail or {}})
@@ -89,9 +94,19 @@ class Guest:
         if lifetime and timeline is not None:
             # The in-VM watchdog: shutdown -h +max_lifetime, armed first thing.
             timeline.at(vm.launched_at + lifetime, lambda: self.world.terminate(vm.instance_id))
+        self._bootstrap(vm, tries=8)
+
+    def _bootstrap(self, vm: SandboxVM, tries: int) -> None:
+        timeline = self.world.timeline
         token = vm.metadata.get("bootstrap_token", "")
         try:
             res = self.vm_api.bootstrap(token)
+        except NotReady:
+            if tries > 1 and timeline is not None:  # bootstrap.sh retries a 503 with backoff
+                timeline.after(5, lambda: self._bootstrap(vm, tries - 1) if vm.state == "running" else None)
+            else:
+                self.world.terminate(vm.instance_id)
+            return
         except Exception as e:  # 401 or unreachable: bootstrap.sh powers off
             log.info("sandbox guest: bootstrap refused, powering off", extra={"instance": vm.name, "error": type(e).__name__})
             self.world.terminate(vm.instance_id)
