@@ -46,3 +46,29 @@ def test_github_down_after_launch_is_retried_and_the_vm_waits(make_orch, client_
     clock.advance(10)
     orch.timeline.run_due()
     assert orch.store.get_instance(inst.id).state == "idle"
+
+
+def test_while_github_fails_no_more_vms_are_launched(make_orch, client_for, clock):
+    orch = make_orch()
+    client = client_for(orch)
+    real = orch.github.create_jit_config
+    down = [True]
+
+    def maybe(*args, **kwargs):
+        if down[0]:
+            raise GitHubUnavailable("GitHub is down")
+        return real(*args, **kwargs)
+
+    orch.github.create_jit_config = maybe
+    post_webhook(client, job_payload("queued", job_id=41))
+    orch.scaler.run_once()  # launched before GitHub was known to be down; its config comes later
+    post_webhook(client, job_payload("queued", job_id=42))
+    assert [o.result for o in orch.scaler.run_once()] == ["held:github:unavailable"]
+    assert len(orch.sandbox_world.live()) == 1
+    job = orch.store.get_job(42)
+    assert job.state == "queued" and job.reason == "github:unavailable"
+    down[0] = False
+    clock.advance(3600)
+    orch.scaler.run_once()
+    assert orch.store.get_job(42).state == "assigned"
+    assert all(i.jit_config or i.bootstrap_used for i in orch.store.live_instances())

@@ -91,6 +91,7 @@ class Scaler:
         self.breaker = breaker or SpotBreaker(clock)
         self.worker_id = worker_id
         self.user_data = user_data or _render_user_data
+        self._github_down_until = 0.0  # while GitHub fails, configs are made before launching, so no VM waits on it
         self._wake = threading.Event()
         self._lock = threading.Lock()
 
@@ -218,8 +219,8 @@ class Scaler:
             if held:
                 return LaunchOutcome(job.id, held)
             jit = None
-            if pool.bootstrap == "inline":
-                # The config travels in user-data, so it must exist before the launch.
+            # Inline: the config travels in user-data. GitHub failing: no VM until it answers again.
+            if pool.bootstrap == "inline" or self._github_unhealthy():
                 try:
                     jit = self._create_jit(inst)
                 except GitHubError as e:
@@ -261,11 +262,22 @@ class Scaler:
             return max(e.reset_at - self.clock.time(), 1)
         return backoff_s(job.launch_attempts + 1)
 
+    def _github_unhealthy(self) -> bool:
+        return self.clock.time() < self._github_down_until
+
     def _create_jit(self, inst: Instance):
-        jit = self.github.create_jit_config(
-            RunnerScope.parse(inst.runner_scope), name=inst.id, labels=inst.labels, installation_id=inst.installation_id
-        )
-        self.store.update_instance(inst.id, runner_id=jit.runner_id)
+        try:
+            jit = self.github.create_jit_config(
+                RunnerScope.parse(inst.runner_scope), name=inst.id, labels=inst.labels, installation_id=inst.installation_id
+            )
+        except GitHubError as e:
+            retry = e.reset_at - self.clock.time() if isinstance(e, GitHubRateLimited) else RETRY_BASE_S * 4
+            self._github_down_until = self.clock.time() + max(retry, 1)
+            raise
+        self._github_down_until = 0.0
+        pool = self.config.pool(inst.pool)
+        keep = pool is not None and pool.bootstrap == "callback"
+        self.store.update_instance(inst.id, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config if keep else None)
         return jit
 
     def attach_jit(self, name: str) -> bool:
@@ -274,11 +286,10 @@ class Scaler:
         if inst is None or inst.runner_id is not None or inst.bootstrap_used or InstanceState(inst.state) not in INSTANCE_LIVE:
             return False
         try:
-            jit = self._create_jit(inst)
+            self._create_jit(inst)
         except GitHubError as e:
             log.warning("runner config not made yet; retried next pass", extra={"instance": name, "reason": e.reason})
             return False
-        self.store.update_instance(name, jit_config=jit.encoded_jit_config)
         return True
 
     def attach_pending_jit(self) -> int:
