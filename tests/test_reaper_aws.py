@@ -160,3 +160,53 @@ def test_one_list_call_per_pass_whatever_the_number_of_vms(orch, ec2):
     assert orch.reaper.run_once().actions == []
     used = {k: v - before.get(k, 0) for k, v in provider.api_calls.items() if v != before.get(k, 0)}
     assert used == {"describe_instances": 1}
+
+
+def test_vm_that_never_registers_is_terminated_at_boot_timeout(orch, ec2, aws_clock):
+    inst = _launch_job(orch, 3)
+    aws_clock.advance(9 * 60)
+    assert orch.reaper.run_once().actions == []
+    aws_clock.advance(2 * 60)
+    result = orch.reaper.run_once()
+    assert [a.kind for a in result.actions] == ["boot-timeout"], [str(a) for a in result.actions]
+    assert _state(ec2, inst.instance_id) in ("shutting-down", "terminated")
+    job = orch.store.get_job(3)
+    assert job.state == "queued" and job.reason == "boot-timeout"
+    assert [o.result for o in orch.scaler.run_once()] == ["launched"]
+
+
+def test_idle_runner_needs_two_passes_then_is_deregistered_and_terminated(orch, ec2, aws_clock):
+    inst = _launch_job(orch, 4)
+    # The VM bootstrapped (as bootstrap.sh does); its job ran on another runner and finished.
+    orch.deliver_direct("workflow_job", str(uuid.uuid4()), job_payload("completed", job_id=4, runner_name="elsewhere", conclusion="success"))
+    now = aws_clock.now()
+    orch.store.update_instance(inst.id, state="idle", bootstrapped_at=now, idle_since=now)
+    assert orch.store.get_instance(inst.id).job_id is None
+    aws_clock.advance(orch.config.pool("gpu-t4").idle_timeout + 1)
+    first = orch.reaper.run_once()
+    assert [a.kind for a in first.actions] == ["idle-check"], [str(a) for a in first.actions]
+    assert _state(ec2, inst.instance_id) == "running"
+    second = orch.reaper.run_once()
+    assert "idle" in [a.kind for a in second.actions], [str(a) for a in second.actions]
+    assert _state(ec2, inst.instance_id) in ("shutting-down", "terminated")
+    assert orch.store.get_instance(inst.id).state == "terminated"
+    assert all(r.name != inst.id for r in orch.github.runners.values()), "deregistered at GitHub"
+
+
+def test_vm_lost_mid_job_gets_its_job_rerun_on_demand(orch, ec2, aws_clock):
+    sim_job = orch.github.enqueue_job("octo-org/models", ["self-hosted", "gpu-t4"], 600)
+    assert [o.result for o in orch.scaler.run_once()] == ["launched"]
+    inst = orch.store.live_instances()[0]
+    orch.lifecycle.apply_event(inst.id, "spot-interruption", {})
+    orch.lifecycle.apply_event(inst.id, "job-started", {})
+    ec2.terminate_instances(InstanceIds=[inst.instance_id])  # reclaimed
+    aws_clock.advance(120)
+    payload = job_payload("completed", job_id=sim_job.id, runner_name=inst.id, conclusion="failure")
+    orch.deliver_direct("workflow_job", str(uuid.uuid4()), payload)
+    result = orch.reaper.run_once()
+    kinds = [a.kind for a in result.actions]
+    assert "spot-rerun" in kinds and "vm-gone" in kinds, [str(a) for a in result.actions]
+    assert orch.github.calls["rerun"] == 1
+    # The rerun (a new job of the same run) launches on the pool's next non-spot candidate.
+    rerun = next(j for j in orch.store.jobs() if j.id != sim_job.id)
+    assert rerun.run_id == sim_job.run_id and rerun.state == "queued"
