@@ -122,6 +122,7 @@ class ServerConfig(_Model):
     public_url: str = "http://127.0.0.1:8080"
     admin_tokens: list[SecretStr] = Field(default_factory=list)
     reaper_interval: Duration = 30
+    launch_concurrency: int = Field(default=8, ge=1, le=64)  # VMs requested at once in a burst
 
     @field_validator("listen")
     @classmethod

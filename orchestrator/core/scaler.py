@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -91,6 +92,7 @@ class Scaler:
         self.breaker = breaker or SpotBreaker(clock)
         self.worker_id = worker_id
         self.user_data = user_data or _render_user_data
+        self.concurrency = config.server.launch_concurrency
         self._github_down_until = 0.0  # while GitHub fails, configs are made before launching, so no VM waits on it
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -116,24 +118,37 @@ class Scaler:
         with self._lock:
             self.attach_pending_jit()
             paused = self.store.paused_pools()
-            full: set[str] = set()  # pools found at max_runners in this pass: the rest of their jobs wait
             out = []
+            eligible = []
             for job in self.store.launchable_jobs(limit):
                 if job.pool in paused:
                     if job.reason != "pool-paused":
                         self.store.update_job(job.id, reason="pool-paused")
                     out.append(LaunchOutcome(job.id, "held:pool-paused"))
-                    continue
-                if job.pool in full:
-                    if job.reason != "max_runners":
-                        self.store.update_job(job.id, reason="max_runners")
-                    out.append(LaunchOutcome(job.id, "held:max_runners"))
-                    continue
-                outcome = self.launch_job(job)
-                if outcome.result == "held:max_runners" and job.pool:
-                    full.add(job.pool)
-                out.append(outcome)
-            return out
+                else:
+                    eligible.append(job)
+            workers = min(self.concurrency, len(eligible))
+            if workers > 1:
+                # A burst waits for cloud calls, not CPU: request several VMs at once. Claims, max_runners
+                # and budgets stay exact because each is decided in its own locked transaction.
+                with ThreadPoolExecutor(workers, thread_name_prefix="launch") as pool:
+                    return out + list(pool.map(self.launch_job, eligible))
+            return out + self._launch_serially(eligible)
+
+    def _launch_serially(self, jobs: list[Job]) -> list[LaunchOutcome]:
+        full: set[str] = set()  # pools found at max_runners in this pass: the rest of their jobs wait
+        out = []
+        for job in jobs:
+            if job.pool in full:
+                if job.reason != "max_runners":
+                    self.store.update_job(job.id, reason="max_runners")
+                out.append(LaunchOutcome(job.id, "held:max_runners"))
+                continue
+            outcome = self.launch_job(job)
+            if outcome.result == "held:max_runners" and job.pool:
+                full.add(job.pool)
+            out.append(outcome)
+        return out
 
     # --- one job -----------------------------------------------------------
 

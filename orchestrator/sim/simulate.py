@@ -7,7 +7,10 @@ worker hand-off is modelled by running the scaler right after whatever woke it
 (same simulated instant) and every `scaler_tick_s` while jobs wait; the reaper
 runs every `server.reaper_interval` and the backstop every `github.poll_interval`.
 Each call we make to GitHub or the cloud takes simulated time (`github_api_latency_s`,
-`cloud_api_latency_s`) during which the world goes on, so a serial scaler shows.
+`cloud_api_latency_s`) during which the world goes on. The scaler's parallel launches
+(`server.launch_concurrency` workers) run one after another here, for determinism,
+and each launch-path call is charged latency / workers: the throughput of that many
+calls in flight.
 
 Baseline policies (baselines.py) replay the same trace in the same world model.
 Every figure is read from the simulated world (VMs billed, jobs started), not
@@ -122,13 +125,15 @@ class OurRun:
             webhook_delay_s=self.options.webhook_delay_s,
         )
         spend = _Spender(clock, timeline)
-        api = _Latency(gh, spend, self.options.github_api_latency_s, GITHUB_API)
-        provider = _Latency(SandboxProvider(world, cfg.server.orchestrator_id), spend, self.options.cloud_api_latency_s, CLOUD_API)
+        workers = cfg.server.launch_concurrency
+        api = _Latency(gh, spend, self.options.github_api_latency_s, GITHUB_API, workers)
+        provider = _Latency(SandboxProvider(world, cfg.server.orchestrator_id), spend, self.options.cloud_api_latency_s, CLOUD_API, workers)
         orch = Orchestrator(
             cfg, clock=clock, github=api, providers={"sandbox": provider}, sandbox_world=world, timeline=timeline,
             worker_id="sim-scaler",
         )
         gh.deliver = orch.deliver_direct
+        orch.scaler.concurrency = 1  # deterministic; the latency model above stands for the parallel workers
         woken = [False]
 
         def wake() -> None:
@@ -326,6 +331,7 @@ def _next_slot(current: float, every: float, now: float) -> float:
 
 GITHUB_API = frozenset({"create_jit_config", "list_runners", "delete_runner", "rerun_job", "rerun_failed_jobs", "list_queued_jobs"})
 CLOUD_API = frozenset({"launch", "terminate", "list_managed"})
+LAUNCH_PATH = frozenset({"launch", "create_jit_config"})  # the calls the scaler's workers make side by side
 
 
 class _Spender:
@@ -354,22 +360,25 @@ class _Latency:
     """A GitHub or cloud client whose calls take simulated time: the call acts at once, the caller
     gets the answer `latency` later (so a launch is requested at the instant it is called)."""
 
-    def __init__(self, inner, spender: _Spender, latency: float, methods: frozenset[str]):
+    def __init__(self, inner, spender: _Spender, latency: float, methods: frozenset[str], workers: int = 1):
         self._inner = inner
         self._spender = spender
         self._latency = latency
         self._methods = methods
+        self._workers = max(workers, 1)
 
     def __getattr__(self, name: str):
         attr = getattr(self._inner, name)
         if name not in self._methods or not self._latency or not callable(attr):
             return attr
 
+        latency = self._latency / self._workers if name in LAUNCH_PATH else self._latency
+
         def call(*args, **kwargs):
             try:
                 return attr(*args, **kwargs)
             finally:
-                self._spender.spend(self._latency)
+                self._spender.spend(latency)
 
         return call
 
