@@ -140,7 +140,8 @@ def test_repeated_delivery_and_retried_launch_make_one_instance(env):
     # A retried cloud call with the same launch key returns the same VM.
     record = orch.store.live_instances()[0]
     provider = orch.providers["aws"]
-    spec_again = orch.scaler._spec(orch.store.get_job(502), orch.config.pool("gpu-t4"), orch.config.pool("gpu-t4").candidates[0], _with_token(record), "x", provider)
+    pool = orch.config.pool("gpu-t4")
+    spec_again = orch.scaler._spec(pool, pool.candidates[0], record, "retry-token", None, provider)
     again = provider.launch(spec_again)
     assert again.instance_id == record.instance_id
     assert len(_aws_instances(ec2)) == 1
@@ -149,11 +150,6 @@ def test_repeated_delivery_and_retried_launch_make_one_instance(env):
 def _instance_of(orch, job_id: int):
     (inst,) = [i for i in orch.store.live_instances() if i.job_id == job_id]
     return inst
-
-
-def _with_token(record):
-    record.bootstrap_token = "retry-token"
-    return record
 
 
 def _fail_aws(orch, spot_only: bool = True):

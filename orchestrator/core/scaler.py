@@ -230,7 +230,7 @@ class Scaler:
             return LaunchOutcome(job.id, "no-price")
 
         for _ in range(3):  # a reused idempotency token moves to the next attempt
-            inst, held = self._record(job, pool, index, cand, price, provider)
+            inst, token, held = self._record(job, pool, index, cand, price, provider)
             if held:
                 return LaunchOutcome(job.id, held)
             jit = None
@@ -242,7 +242,7 @@ class Scaler:
                     self._fail_instance(inst.id, e.reason)
                     self._hold(job, e.reason, self._github_retry_s(e, job))
                     return LaunchOutcome(job.id, "stop:" + e.reason)
-            spec = self._spec(job, pool, cand, inst, jit.encoded_jit_config if jit else None, provider)
+            spec = self._spec(pool, cand, inst, token, jit.encoded_jit_config if jit else None, provider)
             try:
                 vm = provider.launch(spec)
             except LaunchKeyUsedError:
@@ -315,17 +315,20 @@ class Scaler:
         ]
         return sum(self.attach_jit(name) for name in pending)
 
-    def _record(self, job: Job, pool: PoolConfig, index: int, cand: Candidate, price: float, provider: Provider) -> tuple[Instance | None, str | None]:
-        """Record the instance and its reservations in one transaction, or say why not."""
+    def _record(self, job: Job, pool: PoolConfig, index: int, cand: Candidate, price: float, provider: Provider) -> tuple[Instance | None, str, str | None]:
+        """Record the instance and its reservations in one transaction, or say why not.
+
+        Returns (instance, bootstrap token, hold reason); the token lives only in memory and user-data.
+        """
         now = self.clock.now()
         with self.store.session() as s:
             fresh = s.get(Job, job.id)
             if fresh is None or fresh.state != JobState.LAUNCHING.value:
-                return None, "stop:job-changed"
+                return None, "", "stop:job-changed"
             # The count and the insert under one lock (the budget's), so replicas cannot both take the last slot.
             self.store.xact_lock(s, "budget")
             if self.store.count_live(s, pool.name) >= pool.max_runners:
-                return None, "max_runners"
+                return None, "", "max_runners"
             attempt = fresh.launch_attempts + 1
             launch_key = f"{fresh.id}-{fresh.run_attempt}-{attempt}"
             name = vm_name(self.orchestrator_id, pool.name, launch_key)
@@ -333,7 +336,7 @@ class Scaler:
             blocked = self.budgets.reserve(s, instance_id=name, pool=pool.name, repository=fresh.repository, amount_usd=amount)
             if blocked:
                 BUDGET_BLOCKED.labels(blocked).inc()
-                return None, f"budget:{blocked}"
+                return None, "", f"budget:{blocked}"
             fresh.launch_attempts = attempt
             token = new_token()
             inst = Instance(
@@ -347,8 +350,7 @@ class Scaler:
             )
             s.add(inst)
             self.store.add_event(s, "launch-requested", instance_id=name, job_id=fresh.id, candidate=cand.key(), price=price)
-        inst.bootstrap_token = token  # type: ignore[attr-defined]  # in memory only, for user-data
-        return inst, None
+        return inst, token, None
 
     def launch_warm(self, pool: PoolConfig) -> str:
         """A spare runner for the pool's min_idle floor: no job, org-wide labels, first candidate that works."""
@@ -383,11 +385,10 @@ class Scaler:
                     bootstrap_expires_at=now + timedelta(seconds=pool.boot_timeout), cost_usd=0.0,
                 )
                 s.add(inst)
-            inst.bootstrap_token = token  # type: ignore[attr-defined]
             try:
                 jit = self.github.create_jit_config(RunnerScope(owner), name=name, labels=inst.labels)
                 self.store.update_instance(name, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config)
-                vm = provider.launch(self._spec(None, pool, cand, inst, jit.encoded_jit_config, provider))
+                vm = provider.launch(self._spec(pool, cand, inst, token, jit.encoded_jit_config, provider))
             except (GitHubError, ProviderError) as e:
                 self._fail_instance(name, f"warm:{type(e).__name__}", settle=not isinstance(e, TransientError))
                 continue
@@ -396,8 +397,7 @@ class Scaler:
             return f"launched {name}"
         return "skipped: no candidate launched"
 
-    def _spec(self, job: Job | None, pool: PoolConfig, cand: Candidate, inst: Instance, jit: str, provider: Provider) -> LaunchSpec:
-        token = inst.bootstrap_token  # type: ignore[attr-defined]
+    def _spec(self, pool: PoolConfig, cand: Candidate, inst: Instance, token: str, jit: str | None, provider: Provider) -> LaunchSpec:
         user_data = self.user_data(
             instance_name=inst.id,
             cloud=cand.cloud,
