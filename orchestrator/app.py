@@ -164,7 +164,7 @@ class Orchestrator:
             self.store.transition_instance(s, name, InstanceState.DRAINING, reason="admin-delete")
         if inst.instance_id and inst.cloud in self.providers:
             self.providers[inst.cloud].terminate(inst.instance_id, inst.location)
-        self.reaper._finish(name, "admin-delete", requeue="runner-deleted-by-admin")
+        self.reaper.finish_instance(name, "admin-delete", requeue="runner-deleted-by-admin")
         return "terminated"
 
     # --- background loops ----------------------------------------------------

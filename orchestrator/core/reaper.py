@@ -354,10 +354,10 @@ class Reaper:
         with self.store.session() as s:
             self.store.transition_instance(s, inst.id, InstanceState.DRAINING, reason=inst.reason or kind)
         self.providers[inst.cloud].terminate(vm.instance_id, vm.location)
-        self._finish(inst.id, kind, requeue=requeue, started=vm.launched_at)
+        self.finish_instance(inst.id, kind, requeue=requeue, started=vm.launched_at)
         return None
 
-    def _finish(
+    def finish_instance(
         self, name: str, reason: str, *, requeue: str | None = None, busy_lost: bool = False,
         started: datetime | None = None, vanished: bool = False,
     ) -> None:
@@ -445,7 +445,7 @@ class Reaper:
         self._deregister_quietly(inst)
 
     def _vm_gone(self, inst: Instance) -> None:
-        self._finish(inst.id, "vanished", busy_lost=self._lost_mid_job(inst), vanished=True)
+        self.finish_instance(inst.id, "vanished", busy_lost=self._lost_mid_job(inst), vanished=True)
         if inst.busy_since is None:
             # It never took a job, so its registration lingers; an ephemeral runner that ran one is gone already.
             self._deregister_quietly(inst)
