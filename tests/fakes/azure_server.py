@@ -18,14 +18,13 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from tests.fakes.json_http import JsonHandler
 
 REQUIRED_TAGS = ("orchestrator-id", "orchestrator-pool", "orchestrator-runner")
 
@@ -460,39 +459,8 @@ def _error(status: int, code: str, message: str) -> tuple[int, Any, dict[str, st
     return status, {"error": {"code": code, "message": message}}, headers
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     state: AzureFake
-    protocol_version = "HTTP/1.1"
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out as two writes; without this, Nagle holds the second.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *args: Any) -> None:  # quiet test output
-        pass
-
-    def _serve(self) -> None:
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        status, payload, headers = self.state.handle(
-            self.command, url.path, parse_qs(url.query), body,
-            {k.lower(): v for k, v in self.headers.items()})
-        data = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        if payload is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-ms-request-id", str(uuid.uuid4()))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if data:
-            self.wfile.write(data)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+    def extra_headers(self) -> dict[str, str]:
+        return {"x-ms-request-id": str(uuid.uuid4())}

@@ -15,14 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from tests.fakes.json_http import JsonHandler
 
 REQUIRED_LABELS = ("orchestrator-id", "orchestrator-pool", "orchestrator-runner")
 _LABEL_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
@@ -420,33 +419,6 @@ def _error(status: int, reason: str, message: str) -> tuple[int, Any]:
                               "errors": [{"message": message, "domain": "global", "reason": reason}]}}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     state: GceFake
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out as two writes; without this, Nagle holds the second.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *args: Any) -> None:  # quiet test output
-        pass
-
-    def _serve(self) -> None:
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        status, payload = self.state.handle(self.command, url.path, parse_qs(url.query), body,
-                                            {k.lower(): v for k, v in self.headers.items()})
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+    content_type = "application/json; charset=UTF-8"
