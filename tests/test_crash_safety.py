@@ -266,7 +266,7 @@ def test_crash_inside_teardown_after_terminate(make_orch, orch, clock, monkeypat
     orch.deliver_direct("workflow_job", str(uuid.uuid4()), job_payload("completed", job_id=7, conclusion="cancelled"))
     clock.advance(11 * 60)
     orch.reaper.run_once()  # the first idle confirmation
-    crash_in(monkeypatch, orch.reaper, "_finish")  # deregistered, terminated, then died before writing it down
+    crash_in(monkeypatch, orch.reaper, "finish_instance")  # deregistered, terminated, then died before writing it down
     with pytest.raises(Crash):
         orch.reaper.run_once()
     monkeypatch.undo()
@@ -280,7 +280,7 @@ def test_crash_inside_teardown_after_terminate(make_orch, orch, clock, monkeypat
 
 def test_crash_inside_admin_delete_after_terminate(make_orch, orch, clock, monkeypatch):
     inst = _idle_runner(orch, clock, 8, start_job=False)
-    crash_in(monkeypatch, orch.reaper, "_finish")
+    crash_in(monkeypatch, orch.reaper, "finish_instance")
     with pytest.raises(Crash):
         orch.teardown_runner(inst.id)
     monkeypatch.undo()
