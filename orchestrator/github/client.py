@@ -239,26 +239,6 @@ class GitHubClient:
 
     # --- helpers beyond the protocol -------------------------------------------
 
-    def delete_ghost_runners(
-        self,
-        scope: RunnerScope,
-        *,
-        orchestrator_id: str,
-        live_names: set[str],
-        installation_id: int | None = None,
-    ) -> list[tuple[str, DeleteResult]]:
-        """Deregister offline runners named like ours that no live VM backs; busy ones stay."""
-        prefix = f"{orchestrator_id}-"
-        out: list[tuple[str, DeleteResult]] = []
-        for r in self.list_runners(scope, installation_id=installation_id):
-            if r.status != "offline" or not r.name.startswith(prefix) or r.name in live_names:
-                continue
-            result = self.delete_runner(scope, r.id, installation_id=installation_id)
-            if result is DeleteResult.BUSY:
-                log.info("ghost runner %s is busy at GitHub; kept for now", r.name)
-            out.append((r.name, result))
-        return out
-
     def rate_limit_remaining(self, installation_id: int | None = None) -> int | None:
         """Last X-RateLimit-Remaining seen for this installation (or the token)."""
         seen = self._gate.remaining(self._bucket(installation_id))

@@ -59,7 +59,8 @@ def test_every_request_is_counted(make_client, github_server, world):
     client.list_queued_jobs()
     client.list_queued_jobs()
     client.list_runners(RunnerScope("acme"))
-    client.delete_ghost_runners(RunnerScope("acme"), orchestrator_id="r", live_names=set())
+    for runner in client.list_runners(RunnerScope("acme")):
+        client.delete_runner(RunnerScope("acme"), runner.id)
     counted = delta(before, calls_by_endpoint())
     assert sum(counted.values()) == len(github_server.calls)
     by_status: dict[str, float] = {}

@@ -38,31 +38,17 @@ def test_delete_runner_results(make_client, github_server, world, scope):
     assert [c.status for c in github_server.calls_to("/actions/runners/", "DELETE")] == [204, 404, 422]
 
 
-def test_delete_ghost_runners(make_client, github_server, world):
-    ghost = github_server.add_runner("acme", "orch-ghost")
-    live = github_server.add_runner("acme", "orch-live")
-    online = github_server.add_runner("acme", "orch-online", status="online")
-    foreign = github_server.add_runner("acme", "other-ghost")
-    stuck = github_server.add_runner("acme", "orch-stuck", busy=True)   # offline yet holding a job
-
-    result = make_client().delete_ghost_runners(
-        RunnerScope("acme"), orchestrator_id="orch", live_names={"orch-live"}, installation_id=world.acme)
-
-    assert sorted(result) == [("orch-ghost", DeleteResult.DELETED), ("orch-stuck", DeleteResult.BUSY)]
-    assert ghost not in github_server.runners
-    assert {live, online, foreign, stuck} <= set(github_server.runners)
-
-
-def test_ghost_cleanup_in_repo_scope_with_runner_gone_meanwhile(make_client, github_server, world):
+def test_ghost_cleanup_primitives_in_repo_scope_with_runner_gone_meanwhile(make_client, github_server, world):
+    """The reaper's ghost rule lists, then deletes: a runner removed in between answers 404 = gone."""
     github_server.add_runner("acme/app", "orch-a")
     vanishing = github_server.add_runner("acme/app", "orch-b")
     client = make_client()
-    client.list_runners(RunnerScope("acme", "app"), installation_id=world.acme)
-    # Someone else removes orch-b after our listing: GitHub answers 404 to our DELETE.
+    scope = RunnerScope("acme", "app")
+    listed = {r.name: r.id for r in client.list_runners(scope, installation_id=world.acme)}
+    assert set(listed) == {"orch-a", "orch-b"}
     github_server.fail_next(f"/actions/runners/{vanishing}$", 404, body={"message": "Not Found"})
-    result = client.delete_ghost_runners(RunnerScope("acme", "app"), orchestrator_id="orch", live_names=set(),
-                                         installation_id=world.acme)
-    assert sorted(result) == [("orch-a", DeleteResult.DELETED), ("orch-b", DeleteResult.GONE)]
+    results = {name: client.delete_runner(scope, rid, installation_id=world.acme) for name, rid in listed.items()}
+    assert results == {"orch-a": DeleteResult.DELETED, "orch-b": DeleteResult.GONE}
 
 
 def test_rerun_job_and_failed_jobs(make_client, github_server, world):
