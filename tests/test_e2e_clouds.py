@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml as _yaml  # noqa: F401 - cloud-init's schema tool needs PyYAML; fail early if absent
 
 from orch_support import ADMIN_TOKEN, REPO, WEBHOOK_SECRET, job_payload, post_webhook
 from orchestrator.config import load_config_text
