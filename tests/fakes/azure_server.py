@@ -22,9 +22,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import ThreadingHTTPServer
 from typing import Any
-from tests.fakes.json_http import JsonHandler
+from tests.fakes.json_http import FakeServer, JsonHandler
 
 REQUIRED_TAGS = ("orchestrator-id", "orchestrator-pool", "orchestrator-runner")
 
@@ -71,7 +70,7 @@ def _auth_policy() -> Any:
     return FakeBearer()
 
 
-class AzureFake:
+class AzureFake(FakeServer):
     def __init__(self, subscription_id: str = "00000000-0000-0000-0000-000000000001",
                  resource_group: str = "runners", location: str = "eastus",
                  list_page_size: int = 50):
@@ -89,38 +88,8 @@ class AzureFake:
         self._errors: dict[str, list[Injected]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
 
     # --- lifecycle --------------------------------------------------------------
-
-    def start(self) -> "AzureFake":
-        fake = self
-
-        class Handler(_Handler):
-            state = fake
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "AzureFake":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     @property
     def subnet_id(self) -> str:
@@ -464,3 +433,6 @@ class _Handler(JsonHandler):
 
     def extra_headers(self) -> dict[str, str]:
         return {"x-ms-request-id": str(uuid.uuid4())}
+
+
+AzureFake.handler = _Handler

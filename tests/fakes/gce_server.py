@@ -19,9 +19,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import ThreadingHTTPServer
 from typing import Any
-from tests.fakes.json_http import JsonHandler
+from tests.fakes.json_http import FakeServer, JsonHandler
 
 REQUIRED_LABELS = ("orchestrator-id", "orchestrator-pool", "orchestrator-runner")
 _LABEL_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
@@ -56,7 +55,7 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class GceFake:
+class GceFake(FakeServer):
     def __init__(self, project: str = "test-project", list_page_size: int | None = None):
         self.project = project
         self.list_page_size = list_page_size  # server-side cap, to exercise pagination
@@ -69,40 +68,8 @@ class GceFake:
         self._errors: dict[str, list[Injected]] = {}
         self._ids = itertools.count(1000)
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------
-
-    def start(self) -> "GceFake":
-        fake = self
-
-        class Handler(_Handler):
-            state = fake
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "GceFake":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server, "start() first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         with self._lock:
@@ -422,3 +389,6 @@ def _error(status: int, reason: str, message: str) -> tuple[int, Any]:
 class _Handler(JsonHandler):
     state: GceFake
     content_type = "application/json; charset=UTF-8"
+
+
+GceFake.handler = _Handler

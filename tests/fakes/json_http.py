@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-from http.server import BaseHTTPRequestHandler
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -53,3 +54,38 @@ class JsonHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+
+
+class FakeServer:
+    """Start/stop on 127.0.0.1 at a free port; subclasses set `handler` and implement `handle`."""
+
+    handler: type[JsonHandler] = JsonHandler
+    _server: ThreadingHTTPServer | None = None
+
+    def start(self):
+        fake = self
+
+        class Handler(self.handler):  # type: ignore[misc,valid-type]
+            state = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server, "start() first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
