@@ -28,8 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-POLICIES = ["ours", "cml", "tf-aws", "ideal"]
-COLORS = {"ours": "#1f77b4", "cml": "#ff7f0e", "tf-aws": "#2ca02c", "ideal": "#7f7f7f"}
+POLICIES = ["ours", "cml", "cml-spot", "tf-aws", "ideal"]
+COLORS = {"ours": "#1f77b4", "cml": "#ff7f0e", "cml-spot": "#ffbb78", "tf-aws": "#2ca02c", "ideal": "#7f7f7f"}
 
 
 def run_bench(script: str, args: list[str], timeout: float) -> dict:
@@ -139,18 +139,19 @@ def fmt(v, digits=2) -> str:
 
 def markdown(results: dict) -> str:
     traces = {n: t for n, t in results["traces"].items() if t["status"] == "ok"}
-    lines = ["| trace | jobs | lost | leaked | dup VMs | overshoot $ | decision p50 / p99 ms | billed ÷ (job+boot) | idle after boot | sim cpu s (wall) |",
+    lines = ["| trace | jobs | lost | leaked | dup VMs | overshoot $ | decision p50 / p99 ms | billed ÷ (job+boot) | idle ÷ billed | sim cpu s (wall) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in traces.items():
         r = t["report"]
-        share = r["idle_after_boot_vm_s"] / r["billed_vm_s"] if r["billed_vm_s"] else 0.0
+        share = r["idle_vm_s"] / r["billed_vm_s"] if r["billed_vm_s"] else 0.0
         lines.append(
             f"| {name} | {r['jobs']} | {r['lost_jobs']} | {r['leaked_vms']} | {r['duplicate_vms']} | {fmt(r['budget_overshoot_usd'])} "
             f"| {fmt(r['decision_delay_ms']['p50'], 0)} / {fmt(r['decision_delay_ms']['p99'], 0)} "
             f"| {fmt(r['billed_over_job_plus_boot'], 3)} | {share:.2%} | {fmt(t.get('cpu_s'), 0)} ({fmt(t['wall_s'], 0)}) |"
         )
-    lines += ["", "| trace | cost $ ours | CML-style | tf-aws-style | ideal | p95 wait s ours | CML-style | tf-aws-style | ideal |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| trace | cost $ ours | CML-style (on demand) | CML-style (spot) | tf-aws-style | ideal "
+              "| p95 wait s ours | CML-style (on demand) | CML-style (spot) | tf-aws-style | ideal |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in traces.items():
         f = figures_of(t["report"])
         cost = " | ".join(fmt(f[p]["cost_usd"]) if p in f else "-" for p in POLICIES)

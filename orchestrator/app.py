@@ -41,7 +41,9 @@ def build_providers(config: Config, orchestrator_id: str, clock: Clock, sandbox_
     if "aws" in used and config.clouds.aws:
         from orchestrator.providers.aws import AwsProvider
 
-        providers["aws"] = AwsProvider(config.clouds.aws, orchestrator_id, clock)
+        providers["aws"] = AwsProvider(
+            config.clouds.aws, orchestrator_id, clock, max_connections=config.server.launch_concurrency + 4,
+        )
     if "gcp" in used and config.clouds.gcp:
         from orchestrator.providers.gcp import GcpProvider
 

@@ -122,7 +122,9 @@ class ServerConfig(_Model):
     public_url: str = "http://127.0.0.1:8080"
     admin_tokens: list[SecretStr] = Field(default_factory=list)
     reaper_interval: Duration = 30
-    launch_concurrency: int = Field(default=8, ge=1, le=64)  # VMs requested at once in a burst
+    # VMs requested at once: a matrix burst up to this size is requested in one go. Cloud APIs take
+    # bursts this large (EC2's RunInstances token bucket holds 1,000); GitHub calls are capped apart.
+    launch_concurrency: int = Field(default=256, ge=1, le=1024)
 
     @field_validator("listen")
     @classmethod

@@ -26,3 +26,16 @@ BUDGET_RESERVED = Gauge("orchestrator_budget_reserved_usd", "Reservations of liv
 BUDGET_LIMIT = Gauge("orchestrator_budget_limit_usd", "Budget limit", ["budget"])
 BUDGET_ALERTS = Counter("orchestrator_budget_alerts_total", "Budget threshold alerts", ["budget", "threshold"])
 BUDGET_BLOCKED = Counter("orchestrator_budget_blocked_total", "Launches held back by a budget", ["budget"])
+
+
+def refresh_state_gauges(store) -> None:
+    """Jobs and runners by state, read from the database when scraped rather than on every reaper pass."""
+    from orchestrator.core.states import JobState
+
+    counts = store.count_instances_by_state_and_pool()
+    by_state = store.count_jobs_by_state()
+    RUNNERS.clear()
+    for state, pool, n in counts:
+        RUNNERS.labels(state, pool).set(n)
+    for state in JobState:
+        JOBS.labels(state.value).set(by_state.get(state.value, 0))

@@ -21,7 +21,7 @@ from orchestrator.core.budget import Budgets, billed_cost
 from orchestrator.core.clock import Clock, as_utc
 from orchestrator.core.states import INSTANCE_GONE, INSTANCE_LIVE, InstanceState, JobState
 from orchestrator.github.base import DeleteResult, GitHub, GitHubError, RunnerScope
-from orchestrator.metrics import JOBS, LEAKED_VMS, REAPER_ACTIONS, REAPER_PASSES, RUNNERS
+from orchestrator.metrics import LEAKED_VMS, REAPER_ACTIONS, REAPER_PASSES
 from orchestrator.providers.base import CloudInstance, Provider, ProviderError, vm_name
 from orchestrator.store.models import Event, Instance, Job, Reservation
 from orchestrator.store.store import Store
@@ -509,15 +509,3 @@ class Reaper:
             self.budgets.check_alerts(self.budgets.views())  # views() also refreshes the budget gauges
         except Exception:
             log.exception("budget alert check failed")
-        refresh_gauges(self.store)
-
-
-def refresh_gauges(store: Store) -> None:
-    with store.session() as s:
-        counts = s.execute(select(Instance.state, Instance.pool, func.count()).group_by(Instance.state, Instance.pool)).all()
-    RUNNERS.clear()
-    for state, pool, n in counts:
-        RUNNERS.labels(state, pool).set(n)
-    by_state = store.count_jobs_by_state()
-    for state in JobState:
-        JOBS.labels(state.value).set(by_state.get(state.value, 0))

@@ -11,6 +11,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Requests in flight to GitHub at once, however many launch workers run: GitHub's secondary rate
+# limits punish concurrency (100 concurrent requests at most), and a runner config can wait on a
+# booting VM, which asks again until it is there.
+MAX_CONCURRENT_REQUESTS = 16
+
 
 @dataclass(frozen=True)
 class RunnerScope:

@@ -42,6 +42,7 @@ from orchestrator.github.base import (
     GitHubRateLimited,
     GitHubRunner,
     GitHubUnavailable,
+    MAX_CONCURRENT_REQUESTS,
     JitConfig,
     QueuedJob,
     RunnerScope,
@@ -137,6 +138,7 @@ class GitHubClient:
         self._base_url = config.api_url.rstrip("/")
         self._prefix = urlsplit(self._base_url).path.rstrip("/")
         self._lock = threading.RLock()
+        self._in_flight = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         self._etags: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._installations: dict[str, int] = {}          # owner (lower) -> installation id
         self._groups: dict[tuple[str, str], tuple[int, float]] = {}
@@ -561,7 +563,8 @@ class GitHubClient:
                 hdrs["If-None-Match"] = cached.etag
             retry_after: float | None = None
             try:
-                status, rh, body = original(verb, url, parameters, hdrs, input, cnx, follow_302_redirect=follow)
+                with self._in_flight:
+                    status, rh, body = original(verb, url, parameters, hdrs, input, cnx, follow_302_redirect=follow)
             except _TRANSPORT_ERRORS as e:
                 GITHUB_CALLS.labels(template, "error").inc()
                 failure = type(e).__name__

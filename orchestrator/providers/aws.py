@@ -187,6 +187,7 @@ class AwsProvider(Provider):
         session: boto3.Session | None = None,
         max_attempts: int = 4,
         list_page_size: int = _LIST_PAGE_SIZE,
+        max_connections: int = 64,
     ):
         self.config = cloud
         self.orchestrator_id = orchestrator_id
@@ -200,6 +201,8 @@ class AwsProvider(Provider):
             retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
             connect_timeout=10,
             read_timeout=60,
+            # one per launch worker, so a burst reuses connections instead of dropping them
+            max_pool_connections=max(10, max_connections),
         )
         self._clients: dict[str, Any] = {}
         self._root_devices: dict[tuple[str, str], str] = {}

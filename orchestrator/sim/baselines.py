@@ -4,7 +4,10 @@ These are small dedicated models of other tools, not their code:
 
 - `cml`: CML-style reusable runners: a runner is launched when a job finds no
   idle or booting runner, takes job after job, and leaves after 5 minutes idle;
-  no max lifetime.
+  no max lifetime. On demand, as `cml runner launch` requests unless given
+  `--cloud-spot`: the pool's on-demand candidates (or its instance types on demand).
+- `cml-spot`: the same policy on the pool's own candidate chain (spot first), so
+  the scaling policy alone is compared.
 - `tf-aws`: terraform-aws-github-runner-style: each `queued` webhook reaches the
   scale-up function 30 s later, which launches a runner if the job is still
   queued; runners take job after job; scale-down every 5 minutes removes idle
@@ -156,13 +159,16 @@ class RunnerPolicy:
     def start(self) -> None: ...
 
     # --- world ---
+    def candidates(self, pool: PoolConfig) -> list[Candidate]:
+        return list(pool.candidates)
+
     def live(self, pool: PoolConfig) -> list[Runner]:
         return [r for r in self.runners if r.pool is pool and r.state != "gone"]
 
     def launch(self, pool: PoolConfig, cause: BJob | None) -> Runner | None:
         if len(self.live(pool)) >= pool.max_runners:
             return None
-        for cand in pool.candidates:
+        for cand in self.candidates(pool):
             self.cloud_calls += 1
             if self.world.capacity_error(cand):
                 continue
@@ -300,6 +306,15 @@ class RunnerPolicy:
 class CmlPolicy(RunnerPolicy):
     name = "cml"
 
+    def candidates(self, pool: PoolConfig) -> list[Candidate]:
+        on_demand = [c for c in pool.candidates if not c.spot]
+        if on_demand:
+            return on_demand
+        seen: dict[str, Candidate] = {}
+        for c in pool.candidates:  # a spot-only pool: its instance types, on demand, at their on-demand price
+            seen.setdefault(c.key(), c.model_copy(update={"spot": False, "price_per_hour": on_demand_of(self.config, c)}))
+        return list(seen.values())
+
     def on_queued(self, job: BJob) -> None:
         self.github_calls += 1  # list runners: is there one to reuse?
         self._supply(job.pool, job)
@@ -327,6 +342,13 @@ class CmlPolicy(RunnerPolicy):
     def on_gone(self, r: Runner) -> None:
         if self.queue[r.pool.name]:
             self._supply(r.pool, self.queue[r.pool.name][0])
+
+
+class CmlSpotPolicy(CmlPolicy):
+    name = "cml-spot"
+
+    def candidates(self, pool: PoolConfig) -> list[Candidate]:
+        return list(pool.candidates)
 
 
 class TfAwsPolicy(RunnerPolicy):
@@ -393,7 +415,7 @@ class IdealPolicy:
         )
 
 
-POLICIES = {"cml": CmlPolicy, "tf-aws": TfAwsPolicy, "ideal": IdealPolicy}
+POLICIES = {"cml": CmlPolicy, "cml-spot": CmlSpotPolicy, "tf-aws": TfAwsPolicy, "ideal": IdealPolicy}
 
 
 def run_baseline(name: str, config: Config, trace: list[TraceJob], options: SimOptions) -> dict:

@@ -4,13 +4,14 @@ Our run is the real code: routing, intake, scaler, reaper, budgets and the store
 (SQLite in memory), against the sandbox cloud and the simulated GitHub, on a
 FakeClock that jumps from one due event to the next. The webhook -> scaler
 worker hand-off is modelled by running the scaler right after whatever woke it
-(same simulated instant) and every `scaler_tick_s` while jobs wait; the reaper
-runs every `server.reaper_interval` and the backstop every `github.poll_interval`.
-Each call we make to GitHub or the cloud takes simulated time (`github_api_latency_s`,
-`cloud_api_latency_s`) during which the world goes on. The scaler's parallel launches
-(`server.launch_concurrency` workers) run one after another here, for determinism,
-and each launch-path call is charged latency / workers: the throughput of that many
-calls in flight.
+(same simulated instant) and every `scaler_tick_s` while jobs wait; the reaper runs every `server.reaper_interval` and the
+backstop every `github.poll_interval`. Each call we make to GitHub or the cloud takes simulated
+time (`github_api_latency_s`, `cloud_api_latency_s`) during which the world goes on; the scaler is
+its own worker in the service, so a job that arrives while the reaper or the backstop waits on a
+call is taken up at that instant. The scaler's launch workers (`server.launch_concurrency`) and
+the GitHub client's request slots are modelled by `_Workers`: the pass waits only when every
+worker is busy. Calls run one after another here, for determinism. Database work takes no
+simulated time.
 
 Baseline policies (baselines.py) replay the same trace in the same world model.
 Every figure is read from the simulated world (VMs billed, jobs started), not
@@ -19,6 +20,7 @@ from our own records.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import random
@@ -28,10 +30,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.config import Candidate, Config, ConfigError, DatabaseConfig, SandboxCloud, load_config, parse_duration
 from orchestrator.core.clock import FakeClock
 from orchestrator.core.routing import route
+from orchestrator.github.base import MAX_CONCURRENT_REQUESTS as GITHUB_MAX_CONCURRENT
 from orchestrator.providers.base import TAG_POOL
 from orchestrator.sim.report import JobRecord, VmRecord, figures, ratios, render_table, targets
 from orchestrator.sim.trace import SimOptions, TraceError, TraceJob, load_options, load_trace
@@ -126,37 +130,40 @@ class OurRun:
         )
         spend = _Spender(clock, timeline)
         workers = cfg.server.launch_concurrency
-        api = _Latency(gh, spend, self.options.github_api_latency_s, GITHUB_API, workers)
-        provider = _Latency(SandboxProvider(world, cfg.server.orchestrator_id), spend, self.options.cloud_api_latency_s, CLOUD_API, workers)
+        lanes = _Workers(
+            clock, spend, workers, GITHUB_MAX_CONCURRENT, self.options.cloud_api_latency_s, self.options.github_api_latency_s,
+        )
+        api = _Latency(gh, spend, self.options.github_api_latency_s, GITHUB_API, lanes.github_call)
+        provider = _Latency(
+            SandboxProvider(world, cfg.server.orchestrator_id), spend, self.options.cloud_api_latency_s, CLOUD_API, lanes.cloud_call,
+        )
         orch = Orchestrator(
             cfg, clock=clock, github=api, providers={"sandbox": provider}, sandbox_world=world, timeline=timeline,
             worker_id="sim-scaler",
         )
         gh.deliver = orch.deliver_direct
-        orch.scaler.concurrency = 1  # deterministic; the latency model above stands for the parallel workers
-        woken = [False]
-
-        def wake() -> None:
-            woken[0] = True
+        orch.scaler.concurrency = 1  # deterministic; the lanes above stand for the parallel workers
+        driver = _ScalerDriver(orch.scaler, orch.store, clock, float(self.options.scaler_tick_s), self.counters, self.timings)
 
         # The background worker's wake-ups, observed instead of a thread.
-        orch.intake.on_queued = wake
-        orch.lifecycle.on_change = wake
-        orch.reaper.on_requeue = wake
+        orch.intake.on_queued = driver.wake
+        orch.lifecycle.on_change = driver.wake
+        orch.reaper.on_requeue = driver.wake
+        # While another loop waits on a call, the scaler's own thread would take up what woke it.
+        spend.after_events = driver.run_if_woken
 
         self.clock, self.world, self.gh, self.orch = clock, world, gh, orch
         try:
-            self._loop(clock, timeline, orch, gh, world, woken)
+            self._loop(clock, timeline, orch, gh, world, driver)
             return self._report(clock.time())
         finally:
             orch.store.close()
 
-    def _loop(self, clock, timeline, orch, gh, world, woken) -> None:
+    def _loop(self, clock, timeline, orch, gh, world, driver: "_ScalerDriver") -> None:
         t0 = clock.time()
         cfg = self.config
         reaper_every = float(cfg.server.reaper_interval)
         poll_every = float(cfg.github.poll_interval)
-        tick = float(self.options.scaler_tick_s)
         trace = self.trace
         n = len(trace)
         routable = [route(cfg, list(j.labels)) is not None for j in trace]
@@ -164,7 +171,6 @@ class OurRun:
         deadline = last + self.options.drain_s
         next_reaper = t0 + reaper_every
         next_backstop = t0 + poll_every
-        next_tick: float | None = None
         self.sim_jobs = [None] * n
         arrived = [0]
 
@@ -182,9 +188,9 @@ class OurRun:
             tl = timeline.next_time()
             if tl is not None:
                 due.append(tl)
-            if next_tick is not None:
-                due.append(next_tick)
-            t = now if woken[0] else max(min(due), now)
+            if driver.next_tick is not None:
+                due.append(driver.next_tick)
+            t = now if driver.woken else max(min(due), now)
             if t > deadline:
                 break
             if t > now:
@@ -192,6 +198,7 @@ class OurRun:
                 now = t
             # One instant, in the order things happen: the world (arrivals, VMs, GitHub), our loops, then the worker.
             w = time.perf_counter()
+            self._scaler_seen = self.timings["scaler"]
             c["timeline_events"] += timeline.run_due()
             w = self._lap("timeline", w)
             if next_backstop <= now:
@@ -209,17 +216,15 @@ class OurRun:
                 w = self._lap("reaper", w)
                 if arrived[0] >= n and self._settled(routable, world, orch):
                     break
-            if woken[0] or (next_tick is not None and next_tick <= now):
-                woken[0] = False
-                c["scaler_passes"] += 1
-                orch.scaler.run_once()
-                waiting = _any_queued(orch.store)
-                next_tick = clock.time() + tick if waiting else None  # calls took simulated time
-                self._lap("scaler", w)
+            if driver.woken or (driver.next_tick is not None and driver.next_tick <= now):
+                driver.run()
 
     def _lap(self, name: str, since: float) -> float:
+        """Wall time of one loop, less the scaler passes that ran inside it (counted as the scaler's)."""
         now = time.perf_counter()
-        self.timings[name] += now - since
+        nested = self.timings["scaler"] - self._scaler_seen
+        self.timings[name] += now - since - nested
+        self._scaler_seen = self.timings["scaler"]
         return now
 
     def _settled(self, routable: list[bool], world, orch) -> bool:
@@ -247,6 +252,7 @@ class OurRun:
         for at, key in world.launch_requests:
             job_key = key.rsplit("-", 1)[0]          # "{job}-{run_attempt}"
             first_request.setdefault(job_key, at)
+        known = _first_heard(orch.store)
         jobs: list[JobRecord] = []
         routable = 0
         for tj, sj in zip(self.trace, self.sim_jobs):
@@ -258,7 +264,7 @@ class OurRun:
             started = min(starts) if starts else None
             decided = [v for v in (first_request.get(f"{sj.id}-1"), sj.started_at) if v is not None]
             jobs.append(JobRecord(
-                queued_at=sj.queued_at, decided_at=min(decided) if decided else None, started_at=started,
+                queued_at=sj.queued_at, known_at=known.get(sj.id), decided_at=min(decided) if decided else None, started_at=started,
                 completed=any(x.conclusion == "success" for x in chain),
             ))
         ran_on: dict[str, list] = {}
@@ -312,6 +318,17 @@ class OurRun:
         )
 
 
+def _first_heard(store) -> dict[int, float]:
+    """Job id -> when our intake first recorded it (from a webhook or the backstop)."""
+    from sqlalchemy import select
+
+    from orchestrator.core.clock import as_utc
+    from orchestrator.store.models import Job
+
+    with store.session() as s:
+        return {job_id: as_utc(created).timestamp() for job_id, created in s.execute(select(Job.id, Job.created_at))}
+
+
 def _any_queued(store) -> bool:
     from sqlalchemy import select
 
@@ -340,6 +357,7 @@ class _Spender:
     def __init__(self, clock: FakeClock, timeline):
         self.clock = clock
         self.timeline = timeline
+        self.after_events: Callable[[], None] = lambda: None
         self._busy = False
 
     def spend(self, seconds: float) -> None:
@@ -347,38 +365,120 @@ class _Spender:
         if not self._busy:  # world events never call our APIs, but never recurse if one does
             self._busy = True
             try:
+                self.after_events()  # what woke the scaler before this call is taken up now
                 while (nt := self.timeline.next_time()) is not None and nt <= target:
                     if nt > self.clock.time():
                         self.clock.set(nt)
                     self.timeline.run_due()
+                    self.after_events()
             finally:
                 self._busy = False
         self.clock.set(max(target, self.clock.time()))
 
 
+class _Workers:
+    """The scaler's launch workers and the GitHub client's request slots, in simulated time.
+
+    A launch-path call is made by the worker handling that instance; the worker is busy for the
+    call's latency, and a GitHub call also needs one of the client's slots. Only when every worker
+    is busy does the pass wait; otherwise it goes on at once, as the other workers do. A call acts
+    at the instant it is made (its answer is used at once)."""
+
+    def __init__(self, clock: FakeClock, spender: _Spender, workers: int, github_slots: int, cloud_s: float, github_s: float):
+        t0 = clock.time()
+        self._clock = clock
+        self._spender = spender
+        self._cloud_s = cloud_s
+        self._github_s = github_s
+        self._free_at = [t0] * max(workers, 1)        # heaps: when each worker / slot is free
+        self._slots_free_at = [t0] * max(github_slots, 1)
+        self._held: tuple[str, float] | None = None   # the worker on the current instance, free at
+
+    def _worker(self, name: str) -> float:
+        if self._held is not None and self._held[0] == name:
+            return self._held[1]
+        if self._held is not None:
+            heapq.heappush(self._free_at, self._held[1])
+        now = self._clock.time()
+        start = max(now, heapq.heappop(self._free_at))
+        if start > now:
+            self._spender.spend(start - now)   # every worker busy: the pass waits for one
+        return start
+
+    def cloud_call(self, name: str) -> None:
+        self._held = (name, self._worker(name) + self._cloud_s)
+
+    def github_call(self, name: str) -> None:
+        at = max(self._worker(name), heapq.heappop(self._slots_free_at))
+        heapq.heappush(self._slots_free_at, at + self._github_s)
+        self._held = (name, at + self._github_s)
+
+
+class _ScalerDriver:
+    """The scaler's background worker, driven by the simulation instead of a thread."""
+
+    def __init__(self, scaler, store, clock: FakeClock, tick_s: float, counters: Counter, timings: Counter):
+        self.scaler = scaler
+        self.store = store
+        self.clock = clock
+        self.tick_s = tick_s
+        self.counters = counters
+        self.timings = timings
+        self.woken = False
+        self.next_tick: float | None = None   # a retry pass while jobs wait (backoff, max_runners, budget)
+        self._running = False
+
+    def wake(self) -> None:
+        self.woken = True
+
+    def run_if_woken(self) -> None:
+        if self.woken:
+            self.run()
+
+    def run(self) -> None:
+        if self._running:   # a pass that waits on a busy lane: it picks up the rest itself
+            return
+        self._running = True
+        started = time.perf_counter()
+        try:
+            self.woken = False
+            self.counters["scaler_passes"] += 1
+            self.scaler.run_once()
+            self.next_tick = self.clock.time() + self.tick_s if _any_queued(self.store) else None
+        finally:
+            self._running = False
+            self.timings["scaler"] += time.perf_counter() - started
+
+
 class _Latency:
     """A GitHub or cloud client whose calls take simulated time: the call acts at once, the caller
-    gets the answer `latency` later (so a launch is requested at the instant it is called)."""
+    gets the answer `latency` later (so a launch is requested at the instant it is called).
+    Launch-path calls are made by a launch worker instead (`on_worker`, see `_Workers`)."""
 
-    def __init__(self, inner, spender: _Spender, latency: float, methods: frozenset[str], workers: int = 1):
+    def __init__(self, inner, spender: _Spender, latency: float, methods: frozenset[str], on_worker: Callable[[str], None]):
         self._inner = inner
         self._spender = spender
         self._latency = latency
         self._methods = methods
-        self._workers = max(workers, 1)
+        self._on_worker = on_worker
 
     def __getattr__(self, name: str):
         attr = getattr(self._inner, name)
         if name not in self._methods or not self._latency or not callable(attr):
             return attr
+        if name in LAUNCH_PATH:
+            def worker_call(*args, **kwargs):
+                # launch(spec) and create_jit_config(scope, name=...): both name the instance
+                self._on_worker(kwargs["name"] if "name" in kwargs else args[0].name)
+                return attr(*args, **kwargs)
 
-        latency = self._latency / self._workers if name in LAUNCH_PATH else self._latency
+            return worker_call
 
         def call(*args, **kwargs):
             try:
                 return attr(*args, **kwargs)
             finally:
-                self._spender.spend(latency)
+                self._spender.spend(self._latency)
 
         return call
 

@@ -69,7 +69,7 @@ class SimOptions:
     boot_time_by_instance_type: dict[str, dict[str, float]] = field(default_factory=dict)
     # clouds.sandbox overrides for this trace (spot_interruption_rate, capacity_error_rate, ...)
     sandbox: dict[str, Any] = field(default_factory=dict)
-    baselines: list[str] = field(default_factory=lambda: ["cml", "tf-aws", "ideal"])
+    baselines: list[str] = field(default_factory=lambda: ["cml", "cml-spot", "tf-aws", "ideal"])
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SimOptions":

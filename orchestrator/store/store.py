@@ -298,6 +298,10 @@ class Store:
         with self.session() as s:
             return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
 
+    def count_instances_by_state_and_pool(self) -> list[tuple[str, str, int]]:
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(select(Instance.state, Instance.pool, func.count()).group_by(Instance.state, Instance.pool))]
+
     # --- instances ---------------------------------------------------------
 
     def add_instance(self, inst: Instance) -> None:
