@@ -4,14 +4,15 @@ Our run is the real code: routing, intake, scaler, reaper, budgets and the store
 (SQLite in memory), against the sandbox cloud and the simulated GitHub, on a
 FakeClock that jumps from one due event to the next. The webhook -> scaler
 worker hand-off is modelled by running the scaler right after whatever woke it
-(same simulated instant) and every `scaler_tick_s` while jobs wait; the reaper runs every `server.reaper_interval` and the
-backstop every `github.poll_interval`. Each call we make to GitHub or the cloud takes simulated
-time (`github_api_latency_s`, `cloud_api_latency_s`) during which the world goes on; the scaler is
-its own worker in the service, so a job that arrives while the reaper or the backstop waits on a
-call is taken up at that instant. The scaler's launch workers (`server.launch_concurrency`) and
-the GitHub client's request slots are modelled by `_Workers`: the pass waits only when every
-worker is busy. Calls run one after another here, for determinism. Database work takes no
-simulated time.
+(same simulated instant) and every `scaler_tick_s` while jobs wait; the reaper runs
+every `server.reaper_interval` and the backstop every `github.poll_interval`. Each
+call we make to GitHub or the cloud takes simulated time (`github_api_latency_s`,
+`cloud_api_latency_s`) during which the world goes on; the scaler is its own worker
+in the service, so a job that arrives while the reaper or the backstop waits on a
+call is taken up at that instant. The scaler's launch workers
+(`server.launch_concurrency`) and the GitHub client's request slots are modelled by
+`_Workers`: the pass waits only when every worker is busy. Calls run one after
+another here, for determinism. Database work takes no simulated time.
 
 Baseline policies (baselines.py) replay the same trace in the same world model.
 Every figure is read from the simulated world (VMs billed, jobs started), not
@@ -399,6 +400,7 @@ class _Workers:
             return self._held[1]
         if self._held is not None:
             heapq.heappush(self._free_at, self._held[1])
+            self._held = None
         now = self._clock.time()
         start = max(now, heapq.heappop(self._free_at))
         if start > now:
