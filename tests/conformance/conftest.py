@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +28,7 @@ from orchestrator.core.clock import FakeClock  # noqa: E402
 from orchestrator.providers.base import LaunchSpec, Provider, managed_tags, vm_name  # noqa: E402
 from tests.fakes.azure_server import AzureFake  # noqa: E402
 from tests.fakes.gce_server import GceFake  # noqa: E402
+from tests.fakes.lro import no_real_sleep  # noqa: E402,F401  (autouse in this folder)
 
 ORCH_ID = "orch-conf"
 POOL = "conf-pool"
@@ -329,18 +329,4 @@ def adapter(request: pytest.FixtureRequest) -> Adapter:
     return ADAPTERS[request.param][1](request)
 
 
-@pytest.fixture(autouse=True)
-def no_real_sleep(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """LRO polling against the fakes must not wait in real time."""
-    slept: list[float] = []
-    real = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if seconds > 0:
-            slept.append(seconds)
-        real(0)
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    yield slept
-    assert not slept, f"something slept for real: {slept}"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from orchestrator.providers.azure import AzureProvider  # noqa: E402
 from orchestrator.providers.gcp import GcpProvider  # noqa: E402
 from tests.fakes.azure_server import AzureFake  # noqa: E402
 from tests.fakes.gce_server import GceFake  # noqa: E402
+from tests.fakes.lro import no_real_sleep  # noqa: E402,F401  (autouse in this folder)
 from tests.gcp_azure.gcp_azure_support import ORCH_ID, PROJECT  # noqa: E402
 
 @pytest.fixture(autouse=True)
@@ -40,22 +40,6 @@ def local_http_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
     yield sent
-
-
-@pytest.fixture(autouse=True)
-def no_real_sleep(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """LRO polling against the fakes must not wait in real time."""
-    slept: list[float] = []
-    real = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if seconds > 0:
-            slept.append(seconds)
-        real(0)
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    yield slept
-    assert not slept, f"something slept for real: {slept}"
 
 
 @pytest.fixture
