@@ -192,13 +192,13 @@ def test_network_profile_and_subnet_rotation_on_capacity(make_provider, moto, ec
     assert raw["SubnetId"] == sub_b
 
 
-def test_capacity_in_every_subnet_raises_capacity(make_provider, ec2):
+def _two_subnets(ec2) -> list[str]:
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subs = [
-        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"]
-        for i in (1, 2)
-    ]
-    provider = make_provider(subnet_ids=subs)
+    return [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)]
+
+
+def test_capacity_in_every_subnet_raises_capacity(make_provider, ec2):
+    provider = make_provider(subnet_ids=_two_subnets(ec2))
     inject(provider, "RunInstances", lambda req: ec2_error("InsufficientInstanceCapacity"))
     with pytest.raises(CapacityError):
         provider.launch(launch_spec())
@@ -206,12 +206,7 @@ def test_capacity_in_every_subnet_raises_capacity(make_provider, ec2):
 
 
 def test_account_wide_spot_limit_does_not_rotate_subnets(make_provider, ec2):
-    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-    subs = [
-        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"]
-        for i in (1, 2)
-    ]
-    provider = make_provider(subnet_ids=subs)
+    provider = make_provider(subnet_ids=_two_subnets(ec2))
     inject(provider, "RunInstances", lambda req: ec2_error("MaxSpotInstanceCountExceeded"))
     with pytest.raises(CapacityError):
         provider.launch(launch_spec())
