@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import BudgetConfig, Config
@@ -28,6 +28,15 @@ from orchestrator.store.store import Store
 
 log = logging.getLogger(__name__)
 EPSILON = 1e-9
+
+# Read on every launch and every reaper pass: built once (see the reaper's statements).
+_SPENT = select(func.coalesce(func.sum(Reservation.cost_usd), 0.0)).where(
+    Reservation.budget == bindparam("budget"), Reservation.settled_at >= bindparam("start"), Reservation.settled_at < bindparam("end")
+)
+_RESERVED = select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
+    Reservation.budget == bindparam("budget"), Reservation.settled_at.is_(None)
+)
+_SETTINGS = select(BudgetSetting)
 
 
 def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
@@ -144,7 +153,7 @@ class Budgets:
         return BudgetConfig.model_validate(data)
 
     def effective(self, s: Session) -> list[BudgetConfig]:
-        overrides = {o.name: o for o in s.scalars(select(BudgetSetting))}
+        overrides = {o.name: o for o in s.scalars(_SETTINGS)}
         return [self._merge(b, overrides.get(b.name)) for b in self.config.budgets]
 
     def update(self, name: str, *, limit_usd: float | None = None, alert_at: list[float] | None = None, on_exceed: str | None = None) -> BudgetView:
@@ -168,22 +177,10 @@ class Budgets:
     # --- ledger ------------------------------------------------------------
 
     def _spent(self, s: Session, name: str, start: datetime, end: datetime) -> float:
-        return float(
-            s.scalar(
-                select(func.coalesce(func.sum(Reservation.cost_usd), 0.0)).where(
-                    Reservation.budget == name, Reservation.settled_at >= start, Reservation.settled_at < end
-                )
-            )
-        )
+        return float(s.scalar(_SPENT, {"budget": name, "start": start, "end": end}))
 
     def _reserved(self, s: Session, name: str) -> float:
-        return float(
-            s.scalar(
-                select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
-                    Reservation.budget == name, Reservation.settled_at.is_(None)
-                )
-            )
-        )
+        return float(s.scalar(_RESERVED, {"budget": name}))
 
     def _view(self, s: Session, b: BudgetConfig) -> BudgetView:
         start, end = period_bounds(b.period, self.clock.now())
@@ -195,7 +192,7 @@ class Budgets:
         )
 
     def views(self) -> list[BudgetView]:
-        with self.store.session() as s:
+        with self.store.reading() as s:
             out = [self._view(s, b) for b in self.effective(s)]
         for v in out:
             BUDGET_SPENT.labels(v.name).set(v.spent_usd)
@@ -247,16 +244,16 @@ class Budgets:
 
         `views` saves recomputing the ledger when the caller has just read it.
         """
-        fired: list[tuple[str, float]] = []
+        fired: list[tuple[str, float, BudgetView]] = []
         views = self.views() if views is None else views
-        with self.store.session() as s:
-            for v in views:
-                used = v.spent_usd + v.reserved_usd
-                for threshold in v.alert_at:
-                    if v.limit_usd <= 0 or used < v.limit_usd * threshold - EPSILON:
-                        continue
-                    key = (v.name, v.period_start, float(threshold))
-                    if s.get(AlertSent, key) is not None:
+        crossed = [
+            (v, threshold) for v in views for threshold in v.alert_at
+            if v.limit_usd > 0 and v.spent_usd + v.reserved_usd >= v.limit_usd * threshold - EPSILON
+        ]
+        if crossed:  # most passes cross nothing, and need no write transaction
+            with self.store.session() as s:
+                for v, threshold in crossed:
+                    if s.get(AlertSent, (v.name, v.period_start, float(threshold))) is not None:
                         continue
                     s.add(AlertSent(budget=v.name, period_start=v.period_start, threshold=float(threshold), sent_at=self.clock.now()))
                     fired.append((v.name, threshold, v))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from orchestrator.config import Config, PoolConfig
 from orchestrator.core.budget import Budgets, billed_cost
@@ -23,7 +23,7 @@ from orchestrator.core.states import INSTANCE_GONE, INSTANCE_LIVE, InstanceState
 from orchestrator.github.base import DeleteResult, GitHub, GitHubError, RunnerScope
 from orchestrator.metrics import LEAKED_VMS, REAPER_ACTIONS, REAPER_PASSES
 from orchestrator.providers.base import CloudInstance, Provider, ProviderError, vm_name
-from orchestrator.store.models import Event, Instance, Job, Reservation
+from orchestrator.store.models import Event, Instance, Job, PoolState, Reservation
 from orchestrator.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,44 @@ IDLE_CONFIRMATIONS = 2    # passes that must agree a runner is idle before teard
 WAKE_SCALER = frozenset({"requeue-job", "boot-timeout", "never-launched", "vm-gone", "drain", "idle", "max-lifetime", "orphan", "settle"})
 RERUN_WINDOW_S = 86400    # failed jobs older than this are not looked at again for spot reruns
 _DIGEST_RE = re.compile(r"^[0-9a-f]{10}$")
+
+# A pass runs every interval for the life of the service: its reads are built once, so each
+# execution skips statement construction and SQLAlchemy's cache-key work.
+_LIVE = [st.value for st in INSTANCE_LIVE]
+_LIVE_LOCATIONS = select(Instance.cloud, Instance.location).where(Instance.state.in_(_LIVE)).distinct()
+_UNSETTLED = select(Reservation.instance_id).where(Reservation.settled_at.is_(None)).distinct()
+_LIVE_INSTANCES = select(Instance).where(Instance.state.in_(_LIVE)).order_by(Instance.created_at, Instance.id)
+_GONE_BY_ID = select(Instance).where(
+    Instance.id.in_(bindparam("ids", expanding=True)), Instance.state.in_([st.value for st in INSTANCE_GONE])
+)
+_CLAIMED_JOBS = (
+    select(Job).where(Job.state.in_([JobState.LAUNCHING.value, JobState.ASSIGNED.value])).order_by(Job.created_at, Job.id)
+)
+_FAILED_JOBS = select(Job).where(
+    Job.state.in_([JobState.COMPLETED.value, JobState.CANCELLED.value]),
+    Job.conclusion.in_(["failure", "cancelled"]),
+    Job.reason.is_(None),
+    Job.runner_name.is_not(None),
+    Job.completed_at >= bindparam("since"),
+).order_by(Job.completed_at, Job.id)
+_INSTANCES_BY_ID = select(Instance).where(Instance.id.in_(bindparam("ids", expanding=True)))
+_RUNNER_SCOPES = select(Instance.runner_scope).where(Instance.runner_scope.is_not(None)).distinct()
+_POOLS_SEEN = select(Instance.pool).distinct()
+_PAUSED_POOLS = select(PoolState.name).where(PoolState.paused.is_(True))
+
+
+@dataclass
+class _Snapshot:
+    """What one pass reads from the store, in one read transaction."""
+
+    instances: list[Instance]
+    unsettled: set[str]
+    claimed_jobs: list[Job]
+    failed_jobs: list[Job]
+    failed_runners: dict[str, Instance]
+    runner_scopes: set[str]
+    pools_seen: set[str]
+    paused: set[str]
 
 
 @dataclass
@@ -116,9 +154,8 @@ class Reaper:
                 provider = self.providers.get(cand.cloud)
                 if provider is not None:
                     locations.setdefault(cand.cloud, set()).add(provider.location_of(cand))
-        with self.store.session() as s:
-            live_states = [st.value for st in INSTANCE_LIVE]
-            for cloud, loc in s.execute(select(Instance.cloud, Instance.location).where(Instance.state.in_(live_states)).distinct()):
+        with self.store.reading() as s:
+            for cloud, loc in s.execute(_LIVE_LOCATIONS):
                 locations.setdefault(cloud, set()).add(loc)
         vms: dict[str, CloudInstance] = {}
         blind: set[str] = set()
@@ -137,26 +174,39 @@ class Reaper:
                 log.warning("cloud inventory failed; skipping absence-based rules", extra={"cloud": cloud, "error": str(e)[:300]})
         return vms, blind
 
-    def _records(self) -> tuple[list[Instance], set[str]]:
-        """Live instances, plus ended ones whose spend is not settled yet; history stays in the database."""
-        with self.store.session() as s:
-            unsettled = set(s.scalars(select(Reservation.instance_id).where(Reservation.settled_at.is_(None)).distinct()))
-            live = list(s.scalars(
-                select(Instance).where(Instance.state.in_([st.value for st in INSTANCE_LIVE])).order_by(Instance.created_at, Instance.id)
-            ))
-            gone: list[Instance] = []
-            ids = sorted(unsettled - {i.id for i in live})
-            for chunk in range(0, len(ids), 500):
-                gone += s.scalars(
-                    select(Instance).where(Instance.id.in_(ids[chunk:chunk + 500]), Instance.state.in_([st.value for st in INSTANCE_GONE]))
-                )
-        return live + gone, unsettled
+    def _snapshot(self, now: datetime) -> _Snapshot:
+        """Live instances, plus ended ones whose spend is not settled yet (history stays in the
+        database), the jobs the rules look at, and what the ghost and warm rules need."""
+        with self.store.reading() as s:
+            unsettled = set(s.scalars(_UNSETTLED))
+            live = list(s.scalars(_LIVE_INSTANCES))
+            gone_ids = sorted(unsettled - {i.id for i in live})
+            failed = list(s.scalars(_FAILED_JOBS, {"since": now - timedelta(seconds=RERUN_WINDOW_S)}))
+            runner_names = sorted({j.runner_name for j in failed if j.runner_name})
+            return _Snapshot(
+                instances=live + self._by_ids(s, _GONE_BY_ID, gone_ids),
+                unsettled=unsettled,
+                claimed_jobs=list(s.scalars(_CLAIMED_JOBS)),
+                failed_jobs=failed,
+                failed_runners={i.id: i for i in self._by_ids(s, _INSTANCES_BY_ID, runner_names)},
+                runner_scopes=set(s.scalars(_RUNNER_SCOPES)),
+                pools_seen=set(s.scalars(_POOLS_SEEN)),
+                paused=set(s.scalars(_PAUSED_POOLS)),
+            )
+
+    @staticmethod
+    def _by_ids(s, statement, ids: list[str]) -> list[Instance]:
+        out: list[Instance] = []
+        for chunk in range(0, len(ids), 500):  # under every driver's bound-parameter limit
+            out += s.scalars(statement, {"ids": ids[chunk:chunk + 500]})
+        return out
 
     def plan(self) -> list[Action]:
         now = self.clock.now()
         # The listing comes first: a row is written before its VM is created, so every listed VM has its row below.
         vms, blind = self._inventory()
-        instances, unsettled = self._records()
+        snap = self._snapshot(now)
+        instances, unsettled = snap.instances, snap.unsettled
         by_name = {i.id: i for i in instances}
         live = [i for i in instances if InstanceState(i.state) in INSTANCE_LIVE]
         warm_reapable = self._warm_reapable(live, now)
@@ -212,9 +262,9 @@ class Reaper:
             if name not in by_name:
                 actions.append(Action("orphan", name, f"cloud id {vm.instance_id}, no live record", lambda v=vm: self._orphan(v)))
 
-        actions += self._job_actions(now, live)
-        actions += self._ghost_actions(live)
-        actions += self._warm_actions(live)
+        actions += self._job_actions(now, live, snap)
+        actions += self._ghost_actions(live, snap)
+        actions += self._warm_actions(live, snap.paused)
         return actions
 
     def _idle_for(self, inst: Instance, now: datetime) -> float | None:
@@ -245,13 +295,13 @@ class Reaper:
             return Action("idle-check", inst.id, f"idle pass {inst.idle_checks + 1}", lambda i=inst: self._bump_idle(i))
         return self._terminate_action("idle", inst, vm, f"idle {int(idle_s)}s", deregister=True)
 
-    def _job_actions(self, now: datetime, live: list[Instance]) -> list[Action]:
+    def _job_actions(self, now: datetime, live: list[Instance], snap: _Snapshot) -> list[Action]:
         out: list[Action] = []
         serving: dict[int, int] = {}
         for i in live:
             if i.job_id is not None and i.state != InstanceState.DRAINING.value:
                 serving[i.job_id] = serving.get(i.job_id, 0) + 1
-        for job in self.store.jobs([JobState.LAUNCHING, JobState.ASSIGNED]):
+        for job in snap.claimed_jobs:
             updated = as_utc(job.updated_at)
             if job.state == JobState.LAUNCHING.value and (now - updated).total_seconds() > STUCK_LAUNCHING_S:
                 out.append(Action("requeue-job", str(job.id), "claim abandoned", lambda j=job: self._requeue(j.id, "claim-abandoned", [JobState.LAUNCHING])))
@@ -260,9 +310,8 @@ class Reaper:
                 stale = pool is not None and (now - (as_utc(job.launched_at) or updated)).total_seconds() > pool.boot_timeout
                 if not serving.get(job.id) and stale:
                     out.append(Action("requeue-job", str(job.id), "no live runner", lambda j=job: self._requeue(j.id, "no-live-runner", [JobState.ASSIGNED])))
-        failed, runners = self._failed_jobs(now)
-        for job in failed:
-            inst = runners.get(job.runner_name or "")
+        for job in snap.failed_jobs:
+            inst = snap.failed_runners.get(job.runner_name or "")
             pool = self.config.pool(job.pool or "")
             if inst is not None and pool is not None and self._was_interrupted(inst):
                 if pool.on_spot_interruption == "rerun":
@@ -271,37 +320,15 @@ class Reaper:
                     out.append(Action("spot-fail", str(job.id), "on_spot_interruption: fail", lambda j=job: self._mark_job(j.id, "spot-interrupted")))
         return out
 
-    def _failed_jobs(self, now: datetime) -> tuple[list[Job], dict[str, Instance]]:
-        """Recently failed jobs not yet looked at, and the instances they ran on."""
-        since = now - timedelta(seconds=RERUN_WINDOW_S)
-        with self.store.session() as s:
-            jobs = list(s.scalars(
-                select(Job).where(
-                    Job.state.in_([JobState.COMPLETED.value, JobState.CANCELLED.value]),
-                    Job.conclusion.in_(["failure", "cancelled"]),
-                    Job.reason.is_(None),
-                    Job.runner_name.is_not(None),
-                    Job.completed_at >= since,
-                ).order_by(Job.completed_at, Job.id)
-            ))
-            names = sorted({j.runner_name for j in jobs if j.runner_name})
-            runners: dict[str, Instance] = {}
-            for chunk in range(0, len(names), 500):
-                runners.update((i.id, i) for i in s.scalars(select(Instance).where(Instance.id.in_(names[chunk:chunk + 500]))))
-        return jobs, runners
-
     @staticmethod
     def _was_interrupted(inst: Instance) -> bool:
         return bool(inst.interrupted) or (inst.reason or "").startswith("vanished-while-busy")
 
-    def _ghost_actions(self, live: list[Instance]) -> list[Action]:
+    def _ghost_actions(self, live: list[Instance], snap: _Snapshot) -> list[Action]:
         names = {i.id for i in live}
-        with self.store.session() as s:
-            scopes = set(s.scalars(select(Instance.runner_scope).where(Instance.runner_scope.is_not(None)).distinct()))
-            pools = set(s.scalars(select(Instance.pool).distinct()))
-        heads = self._name_heads(pools | {p.name for p in self.config.pools})
+        heads = self._name_heads(snap.pools_seen | {p.name for p in self.config.pools})
         out: list[Action] = []
-        for key in sorted(scopes):
+        for key in sorted(snap.runner_scopes):
             scope = RunnerScope.parse(key)
             try:
                 runners = self.github.list_runners(scope)
@@ -323,11 +350,10 @@ class Reaper:
         head, sep, digest = name.rpartition("-")
         return bool(sep) and head in heads and bool(_DIGEST_RE.match(digest))
 
-    def _warm_actions(self, live: list[Instance]) -> list[Action]:
+    def _warm_actions(self, live: list[Instance], paused: set[str]) -> list[Action]:
         if self.scaler is None:
             return []
         out = []
-        paused = self.store.paused_pools()
         for pool in self.config.pools:
             if pool.min_idle <= 0 or pool.name in paused:
                 continue

@@ -36,6 +36,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
+READ_ONLY = "orchestrator_read_only"
+
+
 def _make_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -55,7 +58,8 @@ def _make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # pragma: no cover - driver hook
             # IMMEDIATE takes the write lock up front: no deadlock when a reader upgrades.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read-only snapshot (Store.reading) needs no lock: WAL readers never block the writer.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -101,9 +105,13 @@ def _dialect_insert(dialect: str):
 
 
 def _hot_statements(dialect: str) -> dict[str, Any]:
-    """The webhook path's statements, built once so SQLAlchemy's compiled cache serves every call."""
+    """The webhook and launch paths' statements, built once so SQLAlchemy's compiled cache serves every call."""
     jobs, deliveries = Job.__table__, Delivery.__table__
     out: dict[str, Any] = {
+        "claim_job": update(jobs)
+        .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.QUEUED.value)
+        .where(jobs.c.not_before.is_(None) | (jobs.c.not_before <= bindparam("now")))
+        .values(state=JobState.LAUNCHING.value, claimed_by=bindparam("claimer"), updated_at=bindparam("now")),
         "job_ids": select(jobs.c.id).where(jobs.c.id.in_(bindparam("ids", expanding=True))),
         "job_insert": jobs.insert(),
         "on_demand_runs": select(jobs.c.run_id)
@@ -127,10 +135,12 @@ class Store:
         self.clock = clock
         self.engine = _make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
         # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and SQLite's busy
         # handler waits by sleeping in growing steps: threads queue here instead, in order.
         self._write_lock = threading.RLock() if self.engine.dialect.name == "sqlite" else None
         self._stmts = _hot_statements(self.engine.dialect.name)
+        self._updates: dict[tuple, Any] = {}
         if run_migrations:
             migrate(self.engine)
 
@@ -156,6 +166,12 @@ class Store:
         finally:
             if locked:
                 self._write_lock.release()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """One consistent snapshot for reads only; on SQLite it neither takes nor waits for the write lock."""
+        with self._read_sessions() as s, s.begin():
+            yield s
 
     def ping(self) -> bool:
         try:
@@ -248,26 +264,38 @@ class Store:
         from_states: Iterable[JobState] | None = None,
         **fields: Any,
     ) -> bool:
-        sources = [st.value for st in (from_states if from_states is not None else job_sources(to))]
-        values = {"state": to.value, "updated_at": self.clock.now(), **fields}
-        res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(sources)).values(**values))
-        return res.rowcount == 1
+        sources = tuple(st.value for st in (from_states if from_states is not None else job_sources(to)))
+        return self._conditional_update(s, Job.__table__, job_id, sources, {"state": to.value, "updated_at": self.clock.now(), **fields})
 
     def claim_job(self, job_id: int, claimer: str) -> bool:
         """queued -> launching, once: the winner launches, everyone else moves on."""
-        now = self.clock.now()
         with self.session() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-                .where((Job.not_before.is_(None)) | (Job.not_before <= now))
-                .values(state=JobState.LAUNCHING.value, claimed_by=claimer, updated_at=now)
-            )
-            return res.rowcount == 1
+            params = {"job_id": job_id, "now": self.clock.now(), "claimer": claimer}
+            return s.connection().execute(self._stmts["claim_job"], params).rowcount == 1
 
     def update_job(self, job_id: int, **fields: Any) -> None:
         with self.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(updated_at=self.clock.now(), **fields))
+            self._conditional_update(s, Job.__table__, job_id, None, {"updated_at": self.clock.now(), **fields})
+
+    def _conditional_update(self, s: Session, table, row_id: Any, sources: tuple[str, ...] | None, values: dict[str, Any]) -> bool:
+        """UPDATE table SET values WHERE id = row_id [AND state IN sources]; True if the row changed.
+
+        A Core statement, kept per shape: transitions run for every job and VM, and building an
+        ORM statement each time costs several times what SQLite takes to run it. Pending ORM
+        changes are flushed first, as the ORM's own UPDATE would. Objects already loaded in the
+        session are not refreshed: read the row again after a transition rather than trust them.
+        """
+        key = (table.name, sources, tuple(values))
+        stmt = self._updates.get(key)
+        if stmt is None:
+            stmt = update(table).where(table.c.id == bindparam("row_id"))
+            if sources is not None:
+                stmt = stmt.where(table.c.state.in_(sources))
+            stmt = self._updates[key] = stmt.values({name: bindparam("new_" + name) for name in values})
+        s.flush()
+        params = {"new_" + name: value for name, value in values.items()}
+        params["row_id"] = row_id
+        return s.connection().execute(stmt, params).rowcount == 1
 
     def get_job(self, job_id: int) -> Job | None:
         with self.session() as s:
@@ -317,15 +345,12 @@ class Store:
         from_states: Iterable[InstanceState] | None = None,
         **fields: Any,
     ) -> bool:
-        sources = [st.value for st in (from_states if from_states is not None else instance_sources(to))]
-        res = s.execute(
-            update(Instance).where(Instance.id == name, Instance.state.in_(sources)).values(state=to.value, **fields)
-        )
-        return res.rowcount == 1
+        sources = tuple(st.value for st in (from_states if from_states is not None else instance_sources(to)))
+        return self._conditional_update(s, Instance.__table__, name, sources, {"state": to.value, **fields})
 
     def update_instance(self, name: str, **fields: Any) -> None:
         with self.session() as s:
-            s.execute(update(Instance).where(Instance.id == name).values(**fields))
+            self._conditional_update(s, Instance.__table__, name, None, fields)
 
     def get_instance(self, name: str) -> Instance | None:
         with self.session() as s:
