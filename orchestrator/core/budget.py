@@ -37,6 +37,7 @@ _RESERVED = select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
     Reservation.budget == bindparam("budget"), Reservation.settled_at.is_(None)
 )
 _SETTINGS = select(BudgetSetting)
+_LEDGER = select(_SPENT.scalar_subquery(), _RESERVED.scalar_subquery())  # both sums in one round trip
 
 
 def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
@@ -176,19 +177,18 @@ class Budgets:
 
     # --- ledger ------------------------------------------------------------
 
-    def _spent(self, s: Session, name: str, start: datetime, end: datetime) -> float:
-        return float(s.scalar(_SPENT, {"budget": name, "start": start, "end": end}))
-
-    def _reserved(self, s: Session, name: str) -> float:
-        return float(s.scalar(_RESERVED, {"budget": name}))
+    def _ledger(self, s: Session, name: str, start: datetime, end: datetime) -> tuple[float, float]:
+        """(spent in the period, reserved and not settled yet)."""
+        spent, reserved = s.execute(_LEDGER, {"budget": name, "start": start, "end": end}).one()
+        return float(spent), float(reserved)
 
     def _view(self, s: Session, b: BudgetConfig) -> BudgetView:
         start, end = period_bounds(b.period, self.clock.now())
+        spent, reserved = self._ledger(s, b.name, start, end)
         return BudgetView(
             name=b.name, scope=b.scope, period=b.period, limit_usd=b.limit_usd, alert_at=list(b.alert_at),
             on_exceed=b.on_exceed, alert_webhook_url=b.alert_webhook_url,
-            spent_usd=self._spent(s, b.name, start, end), reserved_usd=self._reserved(s, b.name),
-            period_start=start, period_end=end,
+            spent_usd=spent, reserved_usd=reserved, period_start=start, period_end=end,
         )
 
     def views(self) -> list[BudgetView]:
@@ -218,8 +218,7 @@ class Budgets:
         for b in covering:
             if b.on_exceed != "block":
                 continue
-            start, end = period_bounds(b.period, now)
-            used = self._spent(s, b.name, start, end) + self._reserved(s, b.name)
+            used = sum(self._ledger(s, b.name, *period_bounds(b.period, now)))
             if used + amount_usd > b.limit_usd + EPSILON:
                 return b.name
         for b in covering:

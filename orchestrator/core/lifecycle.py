@@ -13,6 +13,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable
 
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
 from orchestrator.core.clock import as_utc
 from orchestrator.core.states import INSTANCE_LIVE, InstanceState, JobState
 from orchestrator.store.models import Instance, Job
@@ -21,6 +24,8 @@ from orchestrator.store.store import Store
 log = logging.getLogger(__name__)
 
 VM_EVENTS = ("job-started", "job-completed", "spot-interruption", "preflight-failed")
+# Locked, so two bootstraps racing with one token cannot both be served (Postgres; SQLite serializes writers).
+_BY_BOOTSTRAP_TOKEN = select(Instance).where(Instance.bootstrap_token_hash == bindparam("digest")).with_for_update()
 
 
 def new_token() -> str:
@@ -77,7 +82,7 @@ class Lifecycle:
         now = self.clock.now()
         instance_token = new_token()
         with self.store.session() as s:
-            inst = s.query(Instance).filter(Instance.bootstrap_token_hash == digest).with_for_update().first()
+            inst = s.scalars(_BY_BOOTSTRAP_TOKEN, {"digest": digest}).first()
             if inst is None:
                 raise Unauthorized("unknown bootstrap token")
             if inst.bootstrap_used:
@@ -103,11 +108,13 @@ class Lifecycle:
             name = inst.id
         return BootstrapResult(instance_id=name, runner_name=name, jit_config=jit, instance_token=instance_token)
 
-    def authenticate(self, instance_id: str, token: str) -> Instance:
-        """The instance's own token, or its still-unused bootstrap token (a VM failing preflight has no other)."""
+    def authenticate(self, instance_id: str, token: str, s: Session | None = None) -> Instance:
+        """The instance's own token, or its still-unused bootstrap token (a VM failing preflight has no other).
+
+        Given the caller's session, the row is read in it (and stays attached to it)."""
         if not token:
             raise Unauthorized("missing instance token")
-        inst = self.store.get_instance(instance_id)
+        inst = s.get(Instance, instance_id) if s is not None else self.store.get_instance(instance_id)
         if inst is None:
             raise Unauthorized("unknown instance")
         digest = token_hash(token)
@@ -127,40 +134,48 @@ class Lifecycle:
     def event(self, instance_id: str, token: str, kind: str, detail: dict | None = None) -> str:
         if kind not in VM_EVENTS:
             raise UnknownEvent(f"unknown event {kind!r}; expected one of {', '.join(VM_EVENTS)}")
-        inst = self.authenticate(instance_id, token)
-        return self.apply_event(inst.id, kind, detail or {})
+        with self.store.session() as s:  # one transaction: the token check and the change
+            inst = self.authenticate(instance_id, token, s)
+            result, requeued = self._apply_event(s, inst, kind, detail or {})
+        if requeued:
+            self.on_change()
+        return result
 
     def apply_event(self, name: str, kind: str, detail: dict) -> str:
-        now = self.clock.now()
         with self.store.session() as s:
             inst = s.get(Instance, name)
             if inst is None:
                 return "unknown-instance"
-            self.store.add_event(s, kind, instance_id=name, job_id=inst.job_id, **_event_detail(detail))
-            inst.last_event_at = now
-            if kind == "job-started":
-                self.store.transition_instance(
-                    s, name, InstanceState.BUSY,
-                    from_states=[InstanceState.REQUESTED, InstanceState.BOOTING, InstanceState.IDLE, InstanceState.BUSY],
-                    busy_since=now, idle_checks=0,
-                )
-                return "busy"
-            if kind == "job-completed":
-                # Ephemeral: one job, then the VM powers off. Draining makes the reaper confirm teardown.
-                self.store.transition_instance(s, name, InstanceState.DRAINING, reason="job-completed")
-                return "draining"
-            if kind == "spot-interruption":
-                inst.interrupted = True
-                return "interrupted"
-            if kind == "preflight-failed":
-                reason = "preflight-failed: " + str(detail.get("reason", ""))[:150]
-                self.store.transition_instance(s, name, InstanceState.DRAINING, reason=reason.strip())
-                job = s.get(Job, inst.job_id) if inst.job_id else None
-                if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value):
-                    self.store.transition_job(s, job.id, JobState.QUEUED, reason="preflight-failed", queued_at=now)
-                    changed = True
-                else:
-                    changed = False
-        if kind == "preflight-failed" and changed:
+            result, requeued = self._apply_event(s, inst, kind, detail)
+        if requeued:
             self.on_change()
-        return "ok"
+        return result
+
+    def _apply_event(self, s: Session, inst: Instance, kind: str, detail: dict) -> tuple[str, bool]:
+        """The change one VM event makes; and whether it gave a job back to the queue."""
+        now = self.clock.now()
+        name = inst.id
+        self.store.add_event(s, kind, instance_id=name, job_id=inst.job_id, **_event_detail(detail))
+        inst.last_event_at = now
+        if kind == "job-started":
+            self.store.transition_instance(
+                s, name, InstanceState.BUSY,
+                from_states=[InstanceState.REQUESTED, InstanceState.BOOTING, InstanceState.IDLE, InstanceState.BUSY],
+                busy_since=now, idle_checks=0,
+            )
+            return "busy", False
+        if kind == "job-completed":
+            # Ephemeral: one job, then the VM powers off. Draining makes the reaper confirm teardown.
+            self.store.transition_instance(s, name, InstanceState.DRAINING, reason="job-completed")
+            return "draining", False
+        if kind == "spot-interruption":
+            inst.interrupted = True
+            return "interrupted", False
+        if kind == "preflight-failed":
+            reason = "preflight-failed: " + str(detail.get("reason", ""))[:150]
+            self.store.transition_instance(s, name, InstanceState.DRAINING, reason=reason.strip())
+            job = s.get(Job, inst.job_id) if inst.job_id else None
+            if job is not None and job.state in (JobState.LAUNCHING.value, JobState.ASSIGNED.value):
+                self.store.transition_job(s, job.id, JobState.QUEUED, reason="preflight-failed", queued_at=now)
+                return "ok", True
+        return "ok", False

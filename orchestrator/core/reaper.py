@@ -48,14 +48,19 @@ _GONE_BY_ID = select(Instance).where(
 _CLAIMED_JOBS = (
     select(Job).where(Job.state.in_([JobState.LAUNCHING.value, JobState.ASSIGNED.value])).order_by(Job.created_at, Job.id)
 )
-_FAILED_JOBS = select(Job).where(
-    Job.state.in_([JobState.COMPLETED.value, JobState.CANCELLED.value]),
-    Job.conclusion.in_(["failure", "cancelled"]),
-    Job.reason.is_(None),
-    Job.runner_name.is_not(None),
-    Job.completed_at >= bindparam("since"),
-).order_by(Job.completed_at, Job.id)
-_INSTANCES_BY_ID = select(Instance).where(Instance.id.in_(bindparam("ids", expanding=True)))
+# Recently failed jobs not yet looked at whose runner was interrupted (or vanished mid-job), with that runner.
+_INTERRUPTED_JOBS = (
+    select(Job, Instance)
+    .join(Instance, Instance.id == Job.runner_name)
+    .where(
+        Job.state.in_([JobState.COMPLETED.value, JobState.CANCELLED.value]),
+        Job.conclusion.in_(["failure", "cancelled"]),
+        Job.reason.is_(None),
+        Job.completed_at >= bindparam("since"),
+        Instance.interrupted.is_(True) | Instance.reason.startswith("vanished-while-busy"),
+    )
+    .order_by(Job.completed_at, Job.id)
+)
 _RUNNER_SCOPES = select(Instance.runner_scope).where(Instance.runner_scope.is_not(None)).distinct()
 _POOLS_SEEN = select(Instance.pool).distinct()
 _PAUSED_POOLS = select(PoolState.name).where(PoolState.paused.is_(True))
@@ -68,8 +73,7 @@ class _Snapshot:
     instances: list[Instance]
     unsettled: set[str]
     claimed_jobs: list[Job]
-    failed_jobs: list[Job]
-    failed_runners: dict[str, Instance]
+    interrupted_jobs: list[tuple[Job, Instance]]
     runner_scopes: set[str]
     pools_seen: set[str]
     paused: set[str]
@@ -181,14 +185,11 @@ class Reaper:
             unsettled = set(s.scalars(_UNSETTLED))
             live = list(s.scalars(_LIVE_INSTANCES))
             gone_ids = sorted(unsettled - {i.id for i in live})
-            failed = list(s.scalars(_FAILED_JOBS, {"since": now - timedelta(seconds=RERUN_WINDOW_S)}))
-            runner_names = sorted({j.runner_name for j in failed if j.runner_name})
             return _Snapshot(
                 instances=live + self._by_ids(s, _GONE_BY_ID, gone_ids),
                 unsettled=unsettled,
                 claimed_jobs=list(s.scalars(_CLAIMED_JOBS)),
-                failed_jobs=failed,
-                failed_runners={i.id: i for i in self._by_ids(s, _INSTANCES_BY_ID, runner_names)},
+                interrupted_jobs=[(j, i) for j, i in s.execute(_INTERRUPTED_JOBS, {"since": now - timedelta(seconds=RERUN_WINDOW_S)})],
                 runner_scopes=set(s.scalars(_RUNNER_SCOPES)),
                 pools_seen=set(s.scalars(_POOLS_SEEN)),
                 paused=set(s.scalars(_PAUSED_POOLS)),
@@ -310,19 +311,14 @@ class Reaper:
                 stale = pool is not None and (now - (as_utc(job.launched_at) or updated)).total_seconds() > pool.boot_timeout
                 if not serving.get(job.id) and stale:
                     out.append(Action("requeue-job", str(job.id), "no live runner", lambda j=job: self._requeue(j.id, "no-live-runner", [JobState.ASSIGNED])))
-        for job in snap.failed_jobs:
-            inst = snap.failed_runners.get(job.runner_name or "")
+        for job, inst in snap.interrupted_jobs:
             pool = self.config.pool(job.pool or "")
-            if inst is not None and pool is not None and self._was_interrupted(inst):
+            if pool is not None:
                 if pool.on_spot_interruption == "rerun":
                     out.append(Action("spot-rerun", str(job.id), f"runner {inst.id} interrupted", lambda j=job: self._rerun(j)))
                 else:
                     out.append(Action("spot-fail", str(job.id), "on_spot_interruption: fail", lambda j=job: self._mark_job(j.id, "spot-interrupted")))
         return out
-
-    @staticmethod
-    def _was_interrupted(inst: Instance) -> bool:
-        return bool(inst.interrupted) or (inst.reason or "").startswith("vanished-while-busy")
 
     def _ghost_actions(self, live: list[Instance], snap: _Snapshot) -> list[Action]:
         names = {i.id for i in live}

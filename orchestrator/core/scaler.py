@@ -116,11 +116,15 @@ class Scaler:
 
     def run_once(self, limit: int = 200) -> list[LaunchOutcome]:
         with self._lock:
-            self.attach_pending_jit()
-            paused = self.store.paused_pools()
+            with self.store.reading() as s:
+                awaiting_jit = self.store.instances_awaiting_jit(s)
+                paused = self.store.paused_pools(s)
+                launchable = self.store.launchable_jobs(limit, s)
+            for name in awaiting_jit:  # runner configs that failed right after their launch
+                self.attach_jit(name)
             out = []
             eligible = []
-            for job in self.store.launchable_jobs(limit):
+            for job in launchable:
                 if job.pool in paused:
                     if job.reason != "pool-paused":
                         self.store.update_job(job.id, reason="pool-paused")
@@ -306,14 +310,6 @@ class Scaler:
             log.warning("runner config not made yet; retried next pass", extra={"instance": name, "reason": e.reason})
             return False
         return True
-
-    def attach_pending_jit(self) -> int:
-        """Retry the runner configs that failed right after their launch (GitHub down or rate limited)."""
-        pending = [
-            i.id for i in self.store.instances([InstanceState.REQUESTED, InstanceState.BOOTING])
-            if i.runner_id is None and not i.bootstrap_used and i.instance_id
-        ]
-        return sum(self.attach_jit(name) for name in pending)
 
     def _record(self, job: Job, pool: PoolConfig, index: int, cand: Candidate, price: float, provider: Provider) -> tuple[Instance | None, str, str | None]:
         """Record the instance and its reservations in one transaction, or say why not.

@@ -56,7 +56,7 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(64))
 
-    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_run", "run_id"))
+    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_run", "run_id"), Index("ix_jobs_state_completed", "state", "completed_at"))
 
 
 class Instance(Base):
@@ -96,7 +96,12 @@ class Instance(Base):
     idle_checks: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_instances_state", "state"), Index("ix_instances_job", "job_id"))
+    __table_args__ = (
+        Index("ix_instances_state", "state"),
+        Index("ix_instances_job", "job_id"),
+        Index("ix_instances_pool_state", "pool", "state"),
+        Index("ix_instances_scope", "runner_scope"),
+    )
 
     @property
     def labels_unique(self) -> bool:
@@ -143,7 +148,10 @@ class Reservation(Base):
     settled_at: Mapped[datetime | None]
     cost_usd: Mapped[float | None] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_reservations_budget", "budget", "settled_at"),)
+    __table_args__ = (
+        Index("ix_reservations_budget", "budget", "settled_at", "cost_usd"),  # the ledger sums read the index alone
+        Index("ix_reservations_open", "settled_at", "instance_id"),
+    )
 
 
 class AlertSent(Base):

@@ -105,9 +105,23 @@ def _dialect_insert(dialect: str):
 
 
 def _hot_statements(dialect: str) -> dict[str, Any]:
-    """The webhook and launch paths' statements, built once so SQLAlchemy's compiled cache serves every call."""
-    jobs, deliveries = Job.__table__, Delivery.__table__
+    """The webhook path's and the scaler's statements, built once so SQLAlchemy's compiled cache serves every call."""
+    jobs, deliveries, instances = Job.__table__, Delivery.__table__, Instance.__table__
     out: dict[str, Any] = {
+        "launchable_jobs": select(Job)
+        .where(Job.state == JobState.QUEUED.value, Job.pool.is_not(None))
+        .where(Job.not_before.is_(None) | (Job.not_before <= bindparam("now")))
+        .order_by(Job.queued_at, Job.id)
+        .limit(bindparam("limit")),
+        "paused_pools": select(PoolState.name).where(PoolState.paused.is_(True)),
+        "awaiting_jit": select(instances.c.id)
+        .where(
+            instances.c.state.in_([InstanceState.REQUESTED.value, InstanceState.BOOTING.value]),
+            instances.c.runner_id.is_(None),
+            instances.c.bootstrap_used.is_(False),
+            instances.c.instance_id.is_not(None),
+        )
+        .order_by(instances.c.created_at, instances.c.id),
         "claim_job": update(jobs)
         .where(jobs.c.id == bindparam("job_id"), jobs.c.state == JobState.QUEUED.value)
         .where(jobs.c.not_before.is_(None) | (jobs.c.not_before <= bindparam("now")))
@@ -171,6 +185,15 @@ class Store:
     def reading(self) -> Iterator[Session]:
         """One consistent snapshot for reads only; on SQLite it neither takes nor waits for the write lock."""
         with self._read_sessions() as s, s.begin():
+            yield s
+
+    @contextlib.contextmanager
+    def _reading(self, s: Session | None) -> Iterator[Session]:
+        """The caller's transaction when it has one, else a snapshot of our own."""
+        if s is not None:
+            yield s
+            return
+        with self.reading() as s:
             yield s
 
     def ping(self) -> bool:
@@ -310,17 +333,9 @@ class Store:
                 q = q.limit(limit)
             return list(s.scalars(q))
 
-    def launchable_jobs(self, limit: int = 100) -> list[Job]:
-        now = self.clock.now()
-        with self.session() as s:
-            q = (
-                select(Job)
-                .where(Job.state == JobState.QUEUED.value, Job.pool.is_not(None))
-                .where((Job.not_before.is_(None)) | (Job.not_before <= now))
-                .order_by(Job.queued_at, Job.id)
-                .limit(limit)
-            )
-            return list(s.scalars(q))
+    def launchable_jobs(self, limit: int = 100, s: Session | None = None) -> list[Job]:
+        with self._reading(s) as s:
+            return list(s.scalars(self._stmts["launchable_jobs"], {"now": self.clock.now(), "limit": limit}))
 
     def count_jobs_by_state(self) -> dict[str, int]:
         with self.session() as s:
@@ -402,9 +417,14 @@ class Store:
 
     # --- pools -------------------------------------------------------------
 
-    def paused_pools(self) -> set[str]:
-        with self.session() as s:
-            return set(s.scalars(select(PoolState.name).where(PoolState.paused.is_(True))))
+    def paused_pools(self, s: Session | None = None) -> set[str]:
+        with self._reading(s) as s:
+            return set(s.scalars(self._stmts["paused_pools"]))
+
+    def instances_awaiting_jit(self, s: Session | None = None) -> list[str]:
+        """Launched VMs whose runner config was never made (GitHub failed right after the launch)."""
+        with self._reading(s) as s:
+            return list(s.scalars(self._stmts["awaiting_jit"]))
 
     def set_paused(self, pool: str, paused: bool) -> None:
         with self.session() as s:
