@@ -380,10 +380,11 @@ class Reaper:
         return None
 
     def finish_instance(
-        self, name: str, reason: str, *, requeue: str | None = None, busy_lost: bool = False,
-        started: datetime | None = None, vanished: bool = False,
+        self, name: str, reason: str, *, requeue: str | None = None, started: datetime | None = None, vanished: bool = False,
     ) -> None:
-        """Record the VM as gone, settle its spend, and give its unstarted job back to the queue."""
+        """Record the VM as gone, settle its spend, and give its unstarted job back to the queue.
+
+        `vanished`: it went without our teardown; if it went mid-job, its reason says so (spot reruns read it)."""
         now = self.clock.now()
         with self.store.session() as s:
             inst = s.get(Instance, name)
@@ -399,7 +400,7 @@ class Reaper:
                 end = min(now, start + timedelta(seconds=pool.max_lifetime))
             cost = billed_cost(inst.price_per_hour, start, end, inst.min_billing_s)
             final_reason = inst.reason or reason
-            if busy_lost:
+            if vanished and self._lost_mid_job(s, inst):
                 final_reason = "vanished-while-busy"
             if not self.store.transition_instance(
                 s, name, InstanceState.TERMINATED, from_states=list(INSTANCE_LIVE) + [InstanceState.FAILED],
@@ -467,12 +468,13 @@ class Reaper:
         self._deregister_quietly(inst)
 
     def _vm_gone(self, inst: Instance) -> None:
-        self.finish_instance(inst.id, "vanished", busy_lost=self._lost_mid_job(inst), vanished=True)
+        self.finish_instance(inst.id, "vanished", vanished=True)
         if inst.busy_since is None:
             # It never took a job, so its registration lingers; an ephemeral runner that ran one is gone already.
             self._deregister_quietly(inst)
 
-    def _lost_mid_job(self, inst: Instance) -> bool:
+    @staticmethod
+    def _lost_mid_job(s, inst: Instance) -> bool:
         """The VM went away while it ran a job, rather than powering off after it."""
         if inst.state == InstanceState.BUSY.value:
             return True
@@ -480,12 +482,10 @@ class Reaper:
             return False
         # GitHub's webhook said the job failed, but the VM never said it was done (the runner hook posts
         # job-completed before it powers off): GitHub failed the job because its runner was lost.
-        with self.store.session() as s:
-            job = s.get(Job, inst.job_id) if inst.job_id else None
-            if job is None or job.conclusion != "failure":
-                return False  # succeeded, or a person cancelled it
-            told = s.scalar(select(func.count()).select_from(Event).where(Event.instance_id == inst.id, Event.kind == "job-completed"))
-        return not told
+        job = s.get(Job, inst.job_id) if inst.job_id else None
+        if job is None or job.conclusion != "failure":
+            return False  # succeeded, or a person cancelled it
+        return not s.scalar(select(func.count()).select_from(Event).where(Event.instance_id == inst.id, Event.kind == "job-completed"))
 
     def _deregister_quietly(self, inst: Instance) -> None:
         """Drop the runner registration of a VM that is gone; the ghost rule retries what fails here."""

@@ -118,6 +118,8 @@ class Event(Base):
     at: Mapped[datetime]
     detail: Mapped[dict[str, Any]]
 
+    __table_args__ = (Index("ix_events_instance", "instance_id", "kind"),)  # a VM's history, without scanning everyone's
+
 
 class PoolState(Base):
     __tablename__ = "pool_state"

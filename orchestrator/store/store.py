@@ -59,7 +59,8 @@ def _make_engine(url: str) -> Engine:
         def _sqlite_begin(conn):  # pragma: no cover - driver hook
             # IMMEDIATE takes the write lock up front: no deadlock when a reader upgrades.
             # A read-only snapshot (Store.reading) needs no lock: WAL readers never block the writer.
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+            # Straight to the driver: this runs for every transaction, and needs no result handling.
+            conn.connection.driver_connection.execute("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

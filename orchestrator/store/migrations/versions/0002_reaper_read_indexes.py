@@ -5,8 +5,8 @@ Revises: 0001
 Create Date: 2026-11-23
 
 The ledger sums read only the index (budget, settled_at, cost_usd); open
-reservations, runner scopes, pools and recent failures are found without
-scanning the history, which grows with every job.
+reservations, runner scopes, pools, recent failures and one VM's events are
+found without scanning the history, which grows with every job.
 """
 from alembic import op
 
@@ -25,11 +25,15 @@ def upgrade() -> None:
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.create_index('ix_instances_pool_state', ['pool', 'state'], unique=False)
         batch_op.create_index('ix_instances_scope', ['runner_scope'], unique=False)
+    with op.batch_alter_table('events', schema=None) as batch_op:
+        batch_op.create_index('ix_events_instance', ['instance_id', 'kind'], unique=False)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index('ix_jobs_state_completed', ['state', 'completed_at'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('events', schema=None) as batch_op:
+        batch_op.drop_index('ix_events_instance')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_state_completed')
     with op.batch_alter_table('instances', schema=None) as batch_op:
