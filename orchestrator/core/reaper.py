@@ -159,7 +159,7 @@ class Reaper:
                 if provider is not None:
                     locations.setdefault(cand.cloud, set()).add(provider.location_of(cand))
         with self.store.reading() as s:
-            for cloud, loc in s.execute(_LIVE_LOCATIONS):
+            for cloud, loc in s.connection().execute(_LIVE_LOCATIONS):
                 locations.setdefault(cloud, set()).add(loc)
         vms: dict[str, CloudInstance] = {}
         blind: set[str] = set()
@@ -182,7 +182,8 @@ class Reaper:
         """Live instances, plus ended ones whose spend is not settled yet (history stays in the
         database), the jobs the rules look at, and what the ghost and warm rules need."""
         with self.store.reading() as s:
-            unsettled = set(s.scalars(_UNSETTLED))
+            conn = s.connection()  # plain values need no ORM
+            unsettled = set(conn.execute(_UNSETTLED).scalars())
             live = list(s.scalars(_LIVE_INSTANCES))
             gone_ids = sorted(unsettled - {i.id for i in live})
             return _Snapshot(
@@ -190,9 +191,9 @@ class Reaper:
                 unsettled=unsettled,
                 claimed_jobs=list(s.scalars(_CLAIMED_JOBS)),
                 interrupted_jobs=[(j, i) for j, i in s.execute(_INTERRUPTED_JOBS, {"since": now - timedelta(seconds=RERUN_WINDOW_S)})],
-                runner_scopes=set(s.scalars(_RUNNER_SCOPES)),
-                pools_seen=set(s.scalars(_POOLS_SEEN)),
-                paused=set(s.scalars(_PAUSED_POOLS)),
+                runner_scopes=set(conn.execute(_RUNNER_SCOPES).scalars()),
+                pools_seen=set(conn.execute(_POOLS_SEEN).scalars()),
+                paused=set(conn.execute(_PAUSED_POOLS).scalars()),
             )
 
     @staticmethod

@@ -78,6 +78,7 @@ class SimulatedGitHub:
         self.webhook_delay_s = webhook_delay_s
         self.installation_id = installation_id
         self.jobs: dict[int, SimJob] = {}
+        self._unfinished: dict[int, SimJob] = {}  # what the queue scans look through, as jobs pile up over a day
         self.runners: dict[int, SimRunner] = {}
         self.calls: Counter[str] = Counter()
         self.webhooks_lost = 0
@@ -96,7 +97,7 @@ class SimulatedGitHub:
                 labels=list(labels), duration_s=duration_s, private=private,
                 status="waiting" if waiting else "queued", queued_at=self.clock.time(),
             )
-            self.jobs[job.id] = job
+            self.jobs[job.id] = self._unfinished[job.id] = job
         self._send(job, "waiting" if waiting else "queued")
         if not waiting:
             self._assign_idle_runner(job)
@@ -148,7 +149,7 @@ class SimulatedGitHub:
                 labels=list(old.labels), duration_s=old.duration_s, private=old.private,
                 queued_at=self.clock.time(), rerun_of=old.rerun_of or old.id,
             )
-            self.jobs[job.id] = job
+            self.jobs[job.id] = self._unfinished[job.id] = job
         self._send(job, "queued")
         self._assign_idle_runner(job)
 
@@ -160,7 +161,7 @@ class SimulatedGitHub:
         self.calls["list_queued"] += 1
         return [
             QueuedJob(j.id, j.run_id, j.run_attempt, j.repository, tuple(j.labels), j.status, j.private, self.installation_id)
-            for j in self.jobs.values()
+            for j in self._unfinished.values()
             if j.status in ("queued", "waiting")
         ]
 
@@ -193,7 +194,7 @@ class SimulatedGitHub:
     # --- internals ---------------------------------------------------------
 
     def _queued_fifo(self) -> list[SimJob]:
-        return sorted((j for j in self.jobs.values() if j.status == "queued"), key=lambda j: (j.queued_at, j.id))
+        return sorted((j for j in self._unfinished.values() if j.status == "queued"), key=lambda j: (j.queued_at, j.id))
 
     @staticmethod
     def _fits(job: SimJob, runner: SimRunner) -> bool:
@@ -229,6 +230,7 @@ class SimulatedGitHub:
 
     def _finish(self, job: SimJob, conclusion: str) -> None:
         job.status, job.conclusion, job.completed_at = "completed", conclusion, self.clock.time()
+        self._unfinished.pop(job.id, None)
         self._send(job, "completed")
 
     def _send(self, job: SimJob, action: str) -> None:

@@ -335,7 +335,7 @@ def _any_queued(store) -> bool:
 
     from orchestrator.store.models import Job
 
-    with store.session() as s:
+    with store.reading() as s:
         return s.scalar(select(Job.id).where(Job.state == "queued").limit(1)) is not None
 
 
