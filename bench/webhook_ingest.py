@@ -174,20 +174,35 @@ async def flat_out(port: int, requests: list[bytes], concurrency: int) -> dict:
     return {"events_per_s": round(len(requests) / elapsed, 1), "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "errors": errors}
 
 
+# uvicorn closes a keep-alive connection after 5 s without a request; at a low rate most of the
+# pooled connections sit that long, so one idle for longer than this is closed and replaced.
+KEEPALIVE_REUSE_S = 2.0
+
+
 async def fixed_rate(port: int, requests: list[bytes], rate: float) -> dict:
-    idle: list[Conn] = [await Conn.open(port) for _ in range(8)]
+    now = time.perf_counter()
+    idle: list[tuple[Conn, float]] = [(await Conn.open(port), now) for _ in range(8)]  # (connection, last used)
     latencies: list[float] = []
     lags: list[float] = []  # how late the generator itself sent: noise from the host, not the server
     errors = 0
 
+    def reusable() -> Conn | None:
+        """The most recently used idle connection that the server cannot have timed out."""
+        while idle:
+            conn, last = idle.pop()
+            if time.perf_counter() - last < KEEPALIVE_REUSE_S and not conn.reader.at_eof():
+                return conn
+            conn.close()
+        return None
+
     async def one(raw: bytes, due: float) -> None:
         nonlocal errors
         lags.append((time.perf_counter() - due) * 1000)
-        conn = idle.pop() if idle else await Conn.open(port)
+        conn = reusable() or await Conn.open(port)
         status = await conn.send(raw)
         latencies.append((time.perf_counter() - due) * 1000)
         errors += status != 202
-        idle.append(conn)
+        idle.append((conn, time.perf_counter()))
 
     start = time.perf_counter()
     tasks = []
@@ -199,7 +214,7 @@ async def fixed_rate(port: int, requests: list[bytes], rate: float) -> dict:
         tasks.append(asyncio.create_task(one(raw, due)))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
-    for c in idle:
+    for c, _ in idle:
         c.close()
     latencies.sort()
     lags.sort()

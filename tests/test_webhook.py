@@ -216,6 +216,71 @@ def test_streamed_body_without_content_length_is_413(make_orch, client_for):
     assert r.status_code == 413
 
 
+def test_streamed_body_without_content_length_is_read_whole(make_orch, client_for):
+    orch = make_orch()
+    client = client_for(orch)
+    body = json.dumps(job_payload(job_id=14)).encode()
+
+    def chunks():
+        for i in range(0, len(body), 50):
+            yield body[i:i + 50]
+
+    r = client.post("/webhook", content=chunks(), headers=webhook_headers(body))
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 202 and r.json() == {"result": "queued", "job": 14}
+    assert orch.store.get_job(14).state == "queued"
+
+
+def test_declared_length_over_the_cap_is_413_before_reading(make_orch, client_for):
+    client = client_for(make_orch())
+    body = json.dumps(job_payload(job_id=15)).encode()
+    r = raw_post(client, body, {**webhook_headers(body), "Content-Length": str(MIB + 1)})
+    assert r.status_code == 413 and r.json() == {"result": "too-large"}
+
+
+def test_other_methods_are_405(make_orch, client_for):
+    client = client_for(make_orch())
+    for method in ("GET", "PUT", "DELETE"):
+        r = client.request(method, "/webhook")
+        assert r.status_code == 405, (method, r.text)
+        assert r.headers["allow"] == "POST"
+
+
+def test_answers_are_the_json_they_always_were(make_orch, client_for):
+    from fastapi.responses import JSONResponse
+
+    client = client_for(make_orch())
+    first = post_webhook(client, job_payload(job_id=16), delivery="d-16")
+    again = post_webhook(client, job_payload(job_id=16), delivery="d-16")
+    body = json.dumps({"zen": "Speak like a human."}).encode()
+    ping = raw_post(client, body, webhook_headers(body, event="ping"))
+    bad = post_webhook(client, b"not json")
+    for r, status, content in (
+        (first, 202, {"result": "queued", "job": 16}),
+        (again, 202, {"result": "duplicate", "job": 16}),
+        (ping, 202, {"result": "ping"}),
+        (bad, 400, {"result": "bad-payload", "error": "body is not JSON"}),
+    ):
+        assert r.status_code == status
+        assert r.headers["content-type"] == "application/json"
+        assert r.content == JSONResponse(content).body  # byte for byte
+
+
+def test_deliveries_are_counted_by_result(make_orch, client_for):
+    from prometheus_client import REGISTRY
+
+    def count(result: str) -> float:
+        return REGISTRY.get_sample_value("orchestrator_webhook_deliveries_total", {"result": result}) or 0.0
+
+    client = client_for(make_orch())
+    before = {r: count(r) for r in ("queued", "duplicate", "bad-signature", "ignored")}
+    post_webhook(client, job_payload(job_id=17), delivery="d-17")
+    post_webhook(client, job_payload(job_id=17), delivery="d-17")
+    post_webhook(client, job_payload(job_id=18), secret="wrong")
+    post_webhook(client, job_payload(job_id=19), event="push")
+    assert {r: count(r) - n for r, n in before.items()} == {"queued": 1, "duplicate": 1, "bad-signature": 1, "ignored": 1}
+
+
 def test_non_json_is_400(make_orch, client_for):
     client = client_for(make_orch())
     for body in (b"not json", b"\xff\xfe\x00garbage", b"", b"{\"action\": "):
@@ -561,3 +626,94 @@ def test_store_failure_is_503_not_a_crash(make_orch, client_for, monkeypatch):
     monkeypatch.setattr(orch.intake, "handle_many", down)
     r = post_webhook(client, job_payload(job_id=91))
     assert r.status_code == 503 and r.json()["result"] == "store-unavailable"
+
+
+class _RecordingIntake:
+    """Stands in for Intake.handle_many: records batch sizes, answers `queued`, or fails when told."""
+
+    def __init__(self, fail: BaseException | None = None):
+        self.batches: list[list] = []
+        self.fail = fail
+
+    def handle_many(self, items):
+        self.batches.append(list(items))
+        if self.fail is not None:
+            raise self.fail
+        return ["queued"] * len(items)
+
+
+def _run_batcher(intake, scenario):
+    import asyncio
+
+    from orchestrator.api.webhook import _Batcher
+
+    async def main():
+        return await scenario(_Batcher(intake, asyncio.get_running_loop()))
+
+    return asyncio.run(main())
+
+
+def test_a_wave_of_deliveries_is_written_as_one_batch():
+    import asyncio
+
+    intake = _RecordingIntake()
+
+    async def scenario(b):
+        first = await asyncio.gather(*(b.submit(("first", i)) for i in range(4)))
+        # The next wave trickles in, one delivery per loop turn: still one batch of 4.
+        waiting = []
+        for i in range(4):
+            waiting.append(asyncio.ensure_future(b.submit(("second", i))))
+            await asyncio.sleep(0)
+        return first, await asyncio.gather(*waiting)
+
+    first, second = _run_batcher(intake, scenario)
+    assert first == second == ["queued"] * 4
+    assert [len(batch) for batch in intake.batches] == [4, 4]
+
+
+def test_a_short_wave_waits_only_briefly():
+    import asyncio
+    import time
+
+    intake = _RecordingIntake()
+
+    async def scenario(b):
+        await asyncio.gather(*(b.submit(("wave", i)) for i in range(8)))
+        t = time.monotonic()
+        result = await b.submit(("alone", 0))  # the wave that follows is one delivery
+        waited = time.monotonic() - t
+        return result, waited, await b.submit(("alone", 1))
+
+    result, waited, after = _run_batcher(intake, scenario)
+    assert result == after == "queued"
+    assert waited < 0.5  # GATHER_S, and some slack for a slow host
+    assert [len(batch) for batch in intake.batches] == [8, 1, 1]
+
+
+def test_a_failed_batch_answers_every_delivery_with_the_error():
+    import asyncio
+
+    intake = _RecordingIntake(fail=ConnectionError("database unreachable"))
+
+    async def scenario(b):
+        return await asyncio.gather(*(b.submit(("x", i)) for i in range(3)))
+
+    results = _run_batcher(intake, scenario)
+    assert len(results) == 3 and all(isinstance(r, ConnectionError) for r in results)
+
+
+def test_a_caller_that_gives_up_does_not_stop_its_batch():
+    import asyncio
+
+    intake = _RecordingIntake()
+
+    async def scenario(b):
+        quitter = asyncio.ensure_future(b.submit(("quitter", 0)))
+        stayer = asyncio.ensure_future(b.submit(("stayer", 0)))
+        await asyncio.sleep(0)
+        quitter.cancel()
+        return await stayer
+
+    assert _run_batcher(intake, scenario) == "queued"
+    assert intake.batches == [[("quitter", 0), ("stayer", 0)]]  # written all the same
