@@ -156,18 +156,20 @@ class Lifecycle:
         now = self.clock.now()
         name = inst.id
         self.store.add_event(s, kind, instance_id=name, job_id=inst.job_id, **_event_detail(detail))
-        inst.last_event_at = now
         if kind == "job-started":
-            self.store.transition_instance(
+            if not self.store.transition_instance(
                 s, name, InstanceState.BUSY,
                 from_states=[InstanceState.REQUESTED, InstanceState.BOOTING, InstanceState.IDLE, InstanceState.BUSY],
-                busy_since=now, idle_checks=0,
-            )
+                busy_since=now, idle_checks=0, last_event_at=now,
+            ):
+                inst.last_event_at = now
             return "busy", False
         if kind == "job-completed":
             # Ephemeral: one job, then the VM powers off. Draining makes the reaper confirm teardown.
-            self.store.transition_instance(s, name, InstanceState.DRAINING, reason="job-completed")
+            if not self.store.transition_instance(s, name, InstanceState.DRAINING, reason="job-completed", last_event_at=now):
+                inst.last_event_at = now
             return "draining", False
+        inst.last_event_at = now
         if kind == "spot-interruption":
             inst.interrupted = True
             return "interrupted", False
