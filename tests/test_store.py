@@ -300,3 +300,43 @@ def test_replicas_starting_together_with_a_configured_id(postgres_url):
     for st in stores:
         st.close()
     assert not errors and results == ["orch-fixed"] * 4
+
+
+def test_reaper_distinct_reads_match_select_distinct(store):
+    """The reaper reads pools and runner scopes by a loose index scan; it must find what DISTINCT finds."""
+    from orchestrator.core.reaper import _POOLS_SEEN, _RUNNER_SCOPES
+
+    for name, pool, scope in [("a", "gpu-t4", None), ("b", "cpu", "org:octo-org"), ("c", "gpu-t4", "repo:octo-org/models"),
+                              ("d", "cpu", "org:octo-org"), ("e", "gpu-a100", None)]:
+        add_instance(store, name)
+        store.update_instance(name, pool=pool, runner_scope=scope)
+    with store.reading() as s:
+        assert set(s.execute(_POOLS_SEEN).scalars()) == {"gpu-t4", "cpu", "gpu-a100"}
+        assert set(s.execute(_RUNNER_SCOPES).scalars()) == {"org:octo-org", "repo:octo-org/models"}
+
+
+def test_reading_runs_while_a_writer_holds_the_lock(sqlite_url, clock):
+    """A read snapshot neither takes nor waits for SQLite's write lock (WAL readers never block)."""
+    store = Store(sqlite_url, clock)
+    add_job(store, 1)
+    writer_in, reader_done = threading.Event(), threading.Event()
+
+    def write():
+        with store.session() as s:
+            store.transition_job(s, 1, JobState.LAUNCHING)
+            writer_in.set()
+            reader_done.wait(10)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        assert writer_in.wait(10)
+        with store.reading() as s:
+            assert s.get(Job, 1).state == JobState.QUEUED.value  # the writer has not committed
+        reader_done.set()
+        t.join(10)
+        assert store.get_job(1).state == JobState.LAUNCHING.value
+    finally:
+        reader_done.set()
+        t.join(10)
+        store.close()

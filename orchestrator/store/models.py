@@ -56,7 +56,8 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(64))
 
-    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_run", "run_id"), Index("ix_jobs_state_completed", "state", "completed_at"))
+    # By state, and finished jobs by conclusion and time (the reaper's look at recent failures).
+    __table_args__ = (Index("ix_jobs_run", "run_id"), Index("ix_jobs_finished", "state", "conclusion", "completed_at"))
 
 
 class Instance(Base):

@@ -28,14 +28,16 @@ def upgrade() -> None:
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.create_index('ix_events_instance', ['instance_id', 'kind'], unique=False)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.create_index('ix_jobs_state_completed', ['state', 'completed_at'], unique=False)
+        batch_op.drop_index('ix_jobs_state')  # a prefix of the new one
+        batch_op.create_index('ix_jobs_finished', ['state', 'conclusion', 'completed_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.drop_index('ix_events_instance')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_state_completed')
+        batch_op.drop_index('ix_jobs_finished')
+        batch_op.create_index('ix_jobs_state', ['state'], unique=False)
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.drop_index('ix_instances_scope')
         batch_op.drop_index('ix_instances_pool_state')
