@@ -37,6 +37,7 @@ _RESERVED = select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
     Reservation.budget == bindparam("budget"), Reservation.settled_at.is_(None)
 )
 _SETTINGS = select(BudgetSetting)
+_RESERVE = Reservation.__table__.insert()
 _LEDGER = select(_SPENT.scalar_subquery(), _RESERVED.scalar_subquery())  # both sums in one round trip
 
 
@@ -221,8 +222,9 @@ class Budgets:
             used = sum(self._ledger(s, b.name, *period_bounds(b.period, now)))
             if used + amount_usd > b.limit_usd + EPSILON:
                 return b.name
-        for b in covering:
-            s.add(Reservation(instance_id=instance_id, budget=b.name, amount_usd=amount_usd, created_at=now))
+        if covering:
+            rows = [{"instance_id": instance_id, "budget": b.name, "amount_usd": amount_usd, "created_at": now} for b in covering]
+            s.connection().execute(_RESERVE, rows)
         return None
 
     def settle(self, s: Session, instance_id: str, cost_usd: float, at: datetime | None = None) -> None:
