@@ -237,6 +237,7 @@ class Store:
             return s.get(Meta, "orchestrator_id").value
 
     # --- deliveries --------------------------------------------------------
+    # The webhook path's statements run on the session's connection: plain rows need no ORM.
 
     def record_delivery(self, s: Session, guid: str, event_name: str, action: str | None, result: str) -> bool:
         """False when this delivery id was seen before (GitHub redelivers).
@@ -262,23 +263,23 @@ class Store:
         now = self.clock.now()
         rows = [dict(guid=g, event=ev, action=action, received_at=now, result=result) for g, (ev, action) in deliveries.items()]
         # executemany with RETURNING: SQLAlchemy sends it as one multi-row INSERT, compiled once.
-        return set(s.execute(self._stmts["delivery_insert"], rows).scalars())
+        return set(s.connection().execute(self._stmts["delivery_insert"], rows).scalars())
 
     # --- jobs --------------------------------------------------------------
 
     def existing_job_ids(self, s: Session, ids: Iterable[int]) -> set[int]:
-        return set(s.execute(self._stmts["job_ids"], {"ids": list(ids)}).scalars())
+        return set(s.connection().execute(self._stmts["job_ids"], {"ids": list(ids)}).scalars())
 
     def insert_jobs(self, s: Session, rows: list[dict[str, Any]]) -> None:
         """New job rows (every row with the same keys) in one executemany; the ORM is not involved."""
-        s.execute(self._stmts["job_insert"], rows)
+        s.connection().execute(self._stmts["job_insert"], rows)
 
     def on_demand_runs(self, s: Session, run_ids: Iterable[int]) -> set[int]:
         """Runs with a job marked on-demand only (a spot interruption happened in the run)."""
         ids = [r for r in run_ids if r]
         if not ids:
             return set()
-        return set(s.execute(self._stmts["on_demand_runs"], {"ids": ids}).scalars())
+        return set(s.connection().execute(self._stmts["on_demand_runs"], {"ids": ids}).scalars())
 
     def transition_job(
         self,
