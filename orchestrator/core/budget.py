@@ -38,6 +38,7 @@ _RESERVED = select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
 )
 _SETTINGS = select(BudgetSetting)
 _RESERVE = Reservation.__table__.insert()
+_RESERVATIONS_OF = select(Reservation).where(Reservation.instance_id == bindparam("instance_id"))
 _LEDGER = select(_SPENT.scalar_subquery(), _RESERVED.scalar_subquery())  # both sums in one round trip
 
 
@@ -230,7 +231,7 @@ class Budgets:
     def settle(self, s: Session, instance_id: str, cost_usd: float, at: datetime | None = None) -> None:
         """Turn the VM's reservations into spend; the cost is capped by nothing but the truth."""
         at = at or self.clock.now()
-        for r in s.scalars(select(Reservation).where(Reservation.instance_id == instance_id)):
+        for r in s.scalars(_RESERVATIONS_OF, {"instance_id": instance_id}):
             if r.settled_at is None:
                 r.settled_at = at
                 r.cost_usd = cost_usd

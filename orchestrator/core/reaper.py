@@ -61,6 +61,12 @@ _INTERRUPTED_JOBS = (
     )
     .order_by(Job.completed_at, Job.id)
 )
+_OTHER_LIVE_FOR_JOB = select(func.count()).select_from(Instance).where(
+    Instance.job_id == bindparam("job_id"), Instance.id != bindparam("name"), Instance.state.in_(_LIVE)
+)
+_TOLD_JOB_COMPLETED = select(func.count()).select_from(Event).where(
+    Event.instance_id == bindparam("name"), Event.kind == "job-completed"
+)
 
 
 def _distinct_instance_values(column: str):
@@ -429,11 +435,7 @@ class Reaper:
     @staticmethod
     def _served_elsewhere(s, job_id: int, name: str) -> bool:
         """Another live VM already carries this job (it was relaunched): requeueing would launch a duplicate."""
-        return bool(s.scalar(
-            select(func.count()).select_from(Instance).where(
-                Instance.job_id == job_id, Instance.id != name, Instance.state.in_([st.value for st in INSTANCE_LIVE])
-            )
-        ))
+        return bool(s.connection().execute(_OTHER_LIVE_FOR_JOB, {"job_id": job_id, "name": name}).scalar_one())
 
     def _terminate_vm(self, vm: CloudInstance) -> None:
         self.providers[vm.cloud].terminate(vm.instance_id, vm.location)
@@ -498,7 +500,7 @@ class Reaper:
         job = s.get(Job, inst.job_id) if inst.job_id else None
         if job is None or job.conclusion != "failure":
             return False  # succeeded, or a person cancelled it
-        return not s.scalar(select(func.count()).select_from(Event).where(Event.instance_id == inst.id, Event.kind == "job-completed"))
+        return not s.connection().execute(_TOLD_JOB_COMPLETED, {"name": inst.id}).scalar_one()
 
     def _deregister_quietly(self, inst: Instance) -> None:
         """Drop the runner registration of a VM that is gone; the ghost rule retries what fails here."""

@@ -115,6 +115,12 @@ def _hot_statements(dialect: str) -> dict[str, Any]:
         .order_by(Job.queued_at, Job.id)
         .limit(bindparam("limit")),
         "paused_pools": select(PoolState.name).where(PoolState.paused.is_(True)),
+        "count_live": select(func.count())
+        .select_from(instances)
+        .where(instances.c.pool == bindparam("pool"), instances.c.state.in_([st.value for st in INSTANCE_LIVE])),
+        "instance_for_job": select(Instance)
+        .where(Instance.job_id == bindparam("job_id"), Instance.state.in_([st.value for st in INSTANCE_LIVE]))
+        .order_by(Instance.created_at.desc()),
         "awaiting_jit": select(instances.c.id)
         .where(
             instances.c.state.in_([InstanceState.REQUESTED.value, InstanceState.BOOTING.value]),
@@ -391,18 +397,10 @@ class Store:
         return self.instances(INSTANCE_LIVE, pool)
 
     def count_live(self, s: Session, pool: str) -> int:
-        return s.scalar(
-            select(func.count())
-            .select_from(Instance)
-            .where(Instance.pool == pool, Instance.state.in_([st.value for st in INSTANCE_LIVE]))
-        )
+        return s.connection().execute(self._stmts["count_live"], {"pool": pool}).scalar_one()
 
     def instance_for_job(self, s: Session, job_id: int) -> Instance | None:
-        return s.scalars(
-            select(Instance)
-            .where(Instance.job_id == job_id, Instance.state.in_([st.value for st in INSTANCE_LIVE]))
-            .order_by(Instance.created_at.desc())
-        ).first()
+        return s.scalars(self._stmts["instance_for_job"], {"job_id": job_id}).first()
 
     # --- events ------------------------------------------------------------
 
