@@ -340,3 +340,13 @@ def test_reading_runs_while_a_writer_holds_the_lock(sqlite_url, clock):
         reader_done.set()
         t.join(10)
         store.close()
+
+
+def test_runner_config_is_kept_only_for_a_live_vm(store):
+    """A runner registered for a VM that ended meanwhile leaves no config behind (the reaper deletes the ghost)."""
+    add_instance(store, "live")
+    add_instance(store, "ended", InstanceState.TERMINATED)
+    assert store.set_runner("live", 7, "encoded-jit")
+    assert not store.set_runner("ended", 8, "encoded-jit")
+    assert (store.get_instance("live").runner_id, store.get_instance("live").jit_config) == (7, "encoded-jit")
+    assert (store.get_instance("ended").runner_id, store.get_instance("ended").jit_config) == (None, None)

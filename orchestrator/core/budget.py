@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import BudgetConfig, Config
@@ -36,7 +36,7 @@ _SPENT = select(func.coalesce(func.sum(Reservation.cost_usd), 0.0)).where(
 _RESERVED = select(func.coalesce(func.sum(Reservation.amount_usd), 0.0)).where(
     Reservation.budget == bindparam("budget"), Reservation.settled_at.is_(None)
 )
-_SETTINGS = select(BudgetSetting)
+_SETTINGS = select(BudgetSetting.__table__)  # plain rows: read on every launch and pass, never changed here
 _RESERVE = Reservation.__table__.insert()
 _RESERVATIONS_OF = select(Reservation).where(Reservation.instance_id == bindparam("instance_id"))
 _LEDGER = select(_SPENT.scalar_subquery(), _RESERVED.scalar_subquery())  # both sums in one round trip
@@ -143,7 +143,8 @@ class Budgets:
 
     # --- settings ----------------------------------------------------------
 
-    def _merge(self, cfg: BudgetConfig, override: BudgetSetting | None) -> BudgetConfig:
+    def _merge(self, cfg: BudgetConfig, override: Row | None) -> BudgetConfig:
+        """The YAML budget with the admin API's changes (a budget_settings row) on top."""
         if override is None:
             return cfg
         data = cfg.model_dump()
@@ -156,7 +157,7 @@ class Budgets:
         return BudgetConfig.model_validate(data)
 
     def effective(self, s: Session) -> list[BudgetConfig]:
-        overrides = {o.name: o for o in s.scalars(_SETTINGS)}
+        overrides = {o.name: o for o in s.connection().execute(_SETTINGS)}
         return [self._merge(b, overrides.get(b.name)) for b in self.config.budgets]
 
     def update(self, name: str, *, limit_usd: float | None = None, alert_at: list[float] | None = None, on_exceed: str | None = None) -> BudgetView:

@@ -270,8 +270,9 @@ class Scaler:
                 return LaunchOutcome(job.id, "stop:cloud-throttled")
             outcome = self._launched(job, inst, vm, cand)
             if jit is None:
-                # Callback mode: the VM needs its config only once booted, so GitHub is asked after the launch.
-                self.attach_jit(inst.id)
+                # Callback mode: the VM needs its config only once booted, so GitHub is asked after the launch
+                # (no need to read the row again: it has no runner yet, and its VM cannot have bootstrapped).
+                self._try_jit(inst)
             return outcome
         self._hold(job, "launch-key-used", backoff_s(job.launch_attempts + 1))
         return LaunchOutcome(job.id, "stop:launch-key-used")
@@ -296,7 +297,7 @@ class Scaler:
         self._github_down_until = 0.0
         pool = self.config.pool(inst.pool)
         keep = pool is not None and pool.bootstrap == "callback"
-        self.store.update_instance(inst.id, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config if keep else None)
+        self.store.set_runner(inst.id, jit.runner_id, jit.encoded_jit_config if keep else None)
         return jit
 
     def attach_jit(self, name: str) -> bool:
@@ -304,10 +305,13 @@ class Scaler:
         inst = self.store.get_instance(name)
         if inst is None or inst.runner_id is not None or inst.bootstrap_used or InstanceState(inst.state) not in INSTANCE_LIVE:
             return False
+        return self._try_jit(inst)
+
+    def _try_jit(self, inst: Instance) -> bool:
         try:
             self._create_jit(inst)
         except GitHubError as e:
-            log.warning("runner config not made yet; retried next pass", extra={"instance": name, "reason": e.reason})
+            log.warning("runner config not made yet; retried next pass", extra={"instance": inst.id, "reason": e.reason})
             return False
         return True
 
@@ -383,7 +387,7 @@ class Scaler:
                 s.add(inst)
             try:
                 jit = self.github.create_jit_config(RunnerScope(owner), name=name, labels=inst.labels)
-                self.store.update_instance(name, runner_id=jit.runner_id, jit_config=jit.encoded_jit_config)
+                self.store.set_runner(name, jit.runner_id, jit.encoded_jit_config)
                 vm = provider.launch(self._spec(pool, cand, inst, token, jit.encoded_jit_config, provider))
             except (GitHubError, ProviderError) as e:
                 self._fail_instance(name, f"warm:{type(e).__name__}", settle=not isinstance(e, TransientError))

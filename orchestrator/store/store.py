@@ -376,6 +376,13 @@ class Store:
         with self.session() as s:
             self._conditional_update(s, Instance.__table__, name, None, fields)
 
+    def set_runner(self, name: str, runner_id: int, jit_config: str | None) -> bool:
+        """The runner GitHub registered for a VM; False, and nothing kept, if the VM ended meanwhile
+        (its registration is then a ghost the reaper deletes)."""
+        with self.session() as s:
+            live = tuple(st.value for st in INSTANCE_LIVE)
+            return self._conditional_update(s, Instance.__table__, name, live, {"runner_id": runner_id, "jit_config": jit_config})
+
     def get_instance(self, name: str) -> Instance | None:
         with self.session() as s:
             return s.get(Instance, name)
