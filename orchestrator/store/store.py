@@ -106,7 +106,7 @@ def _dialect_insert(dialect: str):
 
 
 def _hot_statements(dialect: str) -> dict[str, Any]:
-    """The webhook path's and the scaler's statements, built once so SQLAlchemy's compiled cache serves every call."""
+    """Statements run for every delivery, job or VM, built once so SQLAlchemy's compiled cache serves every call."""
     jobs, deliveries, instances = Job.__table__, Delivery.__table__, Instance.__table__
     out: dict[str, Any] = {
         "launchable_jobs": select(Job)
@@ -157,7 +157,9 @@ class Store:
         self.clock = clock
         self.engine = _make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+        # Postgres gives each statement its own snapshot unless asked for one per transaction.
+        snapshot = {"isolation_level": "REPEATABLE READ"} if self.engine.dialect.name == "postgresql" else {}
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}, **snapshot), expire_on_commit=False)
         # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and SQLite's busy
         # handler waits by sleeping in growing steps: threads queue here instead, in order.
         self._write_lock = threading.RLock() if self.engine.dialect.name == "sqlite" else None
