@@ -56,8 +56,8 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(64))
 
-    # By state, and finished jobs by conclusion and time (the reaper's look at recent failures).
-    __table_args__ = (Index("ix_jobs_run", "run_id"), Index("ix_jobs_finished", "state", "conclusion", "completed_at"))
+    # Finished jobs by conclusion and time: the reaper's look at recent failures.
+    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_run", "run_id"), Index("ix_jobs_finished", "state", "conclusion", "completed_at"))
 
 
 class Instance(Base):
@@ -152,7 +152,8 @@ class Reservation(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
-        Index("ix_reservations_budget", "budget", "settled_at", "cost_usd"),  # the ledger sums read the index alone
+        Index("ix_reservations_budget", "budget", "settled_at"),
+        Index("ix_reservations_ledger", "budget", "settled_at", "cost_usd"),  # the ledger sums read the index alone
         Index("ix_reservations_open", "settled_at", "instance_id"),
     )
 
