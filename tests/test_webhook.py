@@ -674,20 +674,27 @@ def test_a_wave_of_deliveries_is_written_as_one_batch():
 
 def test_a_short_wave_waits_only_briefly():
     import asyncio
-    import time
+
+    from orchestrator.api.webhook import _Batcher
 
     intake = _RecordingIntake()
+    waits: list[float] = []
 
     async def scenario(b):
-        await asyncio.gather(*(b.submit(("wave", i)) for i in range(8)))
-        t = time.monotonic()
-        result = await b.submit(("alone", 0))  # the wave that follows is one delivery
-        waited = time.monotonic() - t
-        return result, waited, await b.submit(("alone", 1))
+        call_later = b.loop.call_later
 
-    result, waited, after = _run_batcher(intake, scenario)
+        def timed(delay, *args):
+            waits.append(delay)
+            return call_later(delay, *args)
+
+        b.loop.call_later = timed  # the only timer a batch waits on
+        await asyncio.gather(*(b.submit(("wave", i)) for i in range(8)))
+        result = await b.submit(("alone", 0))  # the wave that follows is one delivery
+        return result, await b.submit(("alone", 1))
+
+    result, after = _run_batcher(intake, scenario)
     assert result == after == "queued"
-    assert waited < 0.5  # GATHER_S, and some slack for a slow host
+    assert waits == [_Batcher.GATHER_S]  # the short wave waited once, for GATHER_S; after a lone one, none
     assert [len(batch) for batch in intake.batches] == [8, 1, 1]
 
 
