@@ -126,9 +126,7 @@ class Scaler:
             eligible = []
             for job in launchable:
                 if job.pool in paused:
-                    if job.reason != "pool-paused":
-                        self.store.update_job(job.id, reason="pool-paused")
-                    out.append(LaunchOutcome(job.id, "held:pool-paused"))
+                    out.append(self._waits(job, "pool-paused"))
                 else:
                     eligible.append(job)
             workers = min(self.concurrency, len(eligible))
@@ -144,15 +142,19 @@ class Scaler:
         out = []
         for job in jobs:
             if job.pool in full:
-                if job.reason != "max_runners":
-                    self.store.update_job(job.id, reason="max_runners")
-                out.append(LaunchOutcome(job.id, "held:max_runners"))
+                out.append(self._waits(job, "max_runners"))
                 continue
             outcome = self.launch_job(job)
             if outcome.result == "held:max_runners" and job.pool:
                 full.add(job.pool)
             out.append(outcome)
         return out
+
+    def _waits(self, job: Job, reason: str) -> LaunchOutcome:
+        """Left queued without a launch attempt; the reason is shown (written only when it changes)."""
+        if job.reason != reason:
+            self.store.update_job(job.id, reason=reason)
+        return LaunchOutcome(job.id, f"held:{reason}")
 
     # --- one job -----------------------------------------------------------
 
